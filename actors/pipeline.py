@@ -1,0 +1,149 @@
+"""Pipelines of stage workers, in one process or as Ray actors, and the oracles built on them.
+
+A replica is S stage workers in a chain. `RayPool` places each replica's stages in a placement
+group (PACK by default) and runs micro-batches GPipe-style: every micro-batch's chain of stage
+calls is submitted at once, activations pass stage to stage as object refs, and each stage works
+on micro-batch i+1 while the next works on micro-batch i.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydapt.errors import UserError
+from raydapt.models.checkpoint import read_config
+from raydapt.models.shard import DTYPES, stage_plan
+from raydapt.oracle import Budget, ModelInfo, ShardedOracle
+
+from actors.stage import StageWorker
+
+__all__ = ["LocalPool", "RayPool", "PoolSpec", "model_info", "local_oracle", "ray_oracle"]
+
+
+def model_info(model_dir: str | Path) -> ModelInfo:
+    config, family = read_config(model_dir)
+    hidden = config.hidden_size
+    embed = getattr(config, "word_embed_proj_dim", None) or hidden
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        # Stages use the causal sdpa path without a window: serve only what the window covers.
+        max_positions = min(max_positions, window)
+    return ModelInfo(config.model_type, config.num_hidden_layers, config.vocab_size, embed, hidden, max_positions)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How to serve a model: S stages per replica, R replicas, resources per stage."""
+    model_dir: str
+    stages: int = 1
+    replicas: int = 1
+    cpus_per_stage: float = 1.0
+    gpus_per_stage: float = 0.0
+    dtype: str = "float32"
+    strategy: str = "PACK"
+    threads: int | None = 1
+
+    def validate(self) -> None:
+        info = model_info(self.model_dir)
+        if self.stages < 1 or self.stages > info.n_layers:
+            raise UserError(f"--stages {self.stages}: the model has {info.n_layers} layers, "
+                            f"so stages must be in [1, {info.n_layers}]")
+        if self.replicas < 1:
+            raise UserError(f"--replicas must be at least 1, got {self.replicas}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not one of {list(DTYPES)}")
+        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise UserError(f"--placement {self.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
+        stage_plan(self.model_dir, self.stages)  # reads the checkpoint's shapes: fails early and clearly
+
+
+class LocalPool:
+    """Replicas of in-process stage workers: the oracle without Ray (tests, small runs)."""
+
+    def __init__(self, spec: PoolSpec):
+        spec.validate()
+        self.info = model_info(spec.model_dir)
+        self.n_replicas = spec.replicas
+        self.stages = [StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads)
+                       for s in range(spec.stages)]  # replicas share one copy: they are identical
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def submit(self, replica: int, micro_batch: dict, prompts: Any) -> Any:
+        hidden = None
+        for stage in self.stages:
+            hidden = stage.forward(micro_batch, hidden, prompts)
+        return hidden
+
+    def gather(self, handles: list) -> list:
+        return handles
+
+    def describe(self) -> list[list[dict]]:
+        return [[s.describe() for s in self.stages]] * self.n_replicas
+
+
+class RayPool:
+    """R replicas x S stage actors, each replica in its own placement group."""
+
+    def __init__(self, spec: PoolSpec):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec.validate()
+        self._ray = ray
+        self.info = model_info(spec.model_dir)
+        self.n_replicas = spec.replicas
+        model_dir = str(Path(spec.model_dir).resolve())
+        bundle = {"CPU": spec.cpus_per_stage, **({"GPU": spec.gpus_per_stage} if spec.gpus_per_stage else {})}
+        threads = spec.threads or max(1, int(spec.cpus_per_stage))
+        device = "cuda" if spec.gpus_per_stage else "cpu"
+        actor_cls = ray.remote(StageWorker)
+        self.groups, self.replicas = [], []
+        for r in range(spec.replicas):
+            group = placement_group([bundle] * spec.stages, strategy=spec.strategy, name=f"raydapt-replica-{r}")
+            self.groups.append(group)
+            self.replicas.append([
+                actor_cls.options(
+                    num_cpus=spec.cpus_per_stage, num_gpus=spec.gpus_per_stage, name=None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
+                ).remote(model_dir, spec.stages, s, spec.dtype, device, threads)
+                for s in range(spec.stages)])
+        ray.get([g.ready() for g in self.groups])
+        ray.get([a.ready.remote() for chain in self.replicas for a in chain])
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
+    def submit(self, replica: int, micro_batch: dict, prompts: Any) -> Any:
+        hidden = None
+        for actor in self.replicas[replica]:
+            hidden = actor.forward.remote(micro_batch, hidden, prompts)
+        return hidden
+
+    def gather(self, handles: list) -> list:
+        return self._ray.get(handles)
+
+    def describe(self) -> list[list[dict]]:
+        return [self._ray.get([a.describe.remote() for a in chain]) for chain in self.replicas]
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        for chain in self.replicas:
+            for actor in chain:
+                self._ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+
+
+def local_oracle(model_dir: str | Path, stages: int = 1, micro_batch_size: int = 32,
+                 budget: Budget | None = None, threads: int | None = None) -> ShardedOracle:
+    pool = LocalPool(PoolSpec(str(model_dir), stages=stages, threads=threads))
+    return ShardedOracle(pool, micro_batch_size, budget or Budget())
+
+
+def ray_oracle(spec: PoolSpec, micro_batch_size: int = 32, budget: Budget | None = None) -> ShardedOracle:
+    return ShardedOracle(RayPool(spec), micro_batch_size, budget or Budget())

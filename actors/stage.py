@@ -1,0 +1,74 @@
+"""A stage worker: holds one shard of the frozen LM and runs micro-batches through it.
+
+A plain class: `actors.pipeline` makes it a Ray actor where it is launched, and the in-process
+pool uses it as is. Hidden states travel between stages as float32 numpy arrays (zero-copy
+through Ray's object store); only the last stage's answers leave the pipeline.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from raydapt.models.heads import token_stats
+from raydapt.models.shard import DTYPES, load_shard
+
+__all__ = ["StageWorker"]
+
+# Arrays from the object store are read-only views; stages only read them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+class StageWorker:
+    def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
+                 device: str = "cpu", threads: int | None = None):
+        if threads:
+            # Same thread count for every stage whatever S and R are: results stay bitwise equal.
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.shard = load_shard(model_dir, n_stages, stage, dtype=dtype, device=device)
+        self.stage = stage
+
+    def describe(self) -> dict:
+        """Where this stage sits and how big it is (sizes only, never weights)."""
+        block_params = sum(p.numel() for p in self.shard.blocks.parameters())
+        return {"stage": self.stage, "layers": [self.shard.layers.start, self.shard.layers.stop],
+                "block_params": block_params, "params": sum(p.numel() for p in self.shard.parameters()),
+                "pid": os.getpid(), "device": str(self.device)}
+
+    def ready(self) -> bool:
+        return True
+
+    @torch.inference_mode()
+    def forward(self, mb: dict, hidden: np.ndarray | None, prompts: np.ndarray | None):
+        """Run one micro-batch: returns hidden states (M,T,D) or, on the last stage, the answers."""
+        shard = self.shard
+        rows = mb.get("prompt_index")
+        mode = mb.get("mode", "add")
+        if shard.is_first:
+            ids = torch.from_numpy(mb["input_ids"]).to(self.device)
+            shallow = None
+            if prompts is not None and mode in ("add", "cat"):
+                shallow = torch.from_numpy(prompts[rows]).to(self.device)
+            h = shard.embed(ids, shallow, mode=mode, offset=mb.get("offset", 0))
+        else:
+            h = torch.from_numpy(hidden).to(self.device, self.dtype)
+        deep = None
+        if prompts is not None and mode == "deep":
+            deep = torch.from_numpy(prompts[rows][:, shard.layers.start:shard.layers.stop]).to(self.device)
+        h = shard.run_blocks(h, deep, offset=mb.get("offset", 0))
+        if not shard.is_last:
+            return h.float().cpu().numpy()
+        if mb["kind"] == "labels":
+            at = h[torch.arange(h.shape[0]), torch.from_numpy(mb["answer_pos"]).to(self.device)]  # (M,D)
+            return shard.logits(at)[:, torch.from_numpy(mb["label_ids"]).to(self.device)].cpu().numpy()
+        ids = torch.from_numpy(mb["input_ids"]).to(self.device)
+        # One row at a time through the head: (T,V) logits, not (M,T,V), for large vocabularies.
+        parts = [token_stats(shard.logits(h[i:i + 1]), ids[i:i + 1], mb["top_k"], mb["full"])
+                 for i in range(h.shape[0])]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,32 @@
+"""The `raydapt` command."""
+from __future__ import annotations
+
+import json
+import sys
+
+from raydapt.config import parse_args
+from raydapt.errors import exit_on_user_error
+
+__all__ = ["main"]
+
+COMMANDS = {"score": "score a corpus with a sharded model and write per-token parquet"}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:8s} {doc}" for name, doc in COMMANDS.items())
+        print(f"usage: raydapt COMMAND [flags]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; accepted: {', '.join(COMMANDS)}", file=sys.stderr)
+            sys.exit(2)
+        return
+    if argv[0] == "score":
+        from raydapt.score import ScoreConfig, run_score
+        summary = run_score(parse_args(ScoreConfig, argv[1:], prog="raydapt score"))
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

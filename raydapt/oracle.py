@@ -1,0 +1,220 @@
+"""The black-box oracle: the only way raydapt's methods reach the frozen large LM.
+
+An oracle answers, for a batch, label-word logits of prompted inputs or next-token statistics of
+sequences. It never returns weights, hidden states or gradients. It counts what it serves and
+refuses a request that would exceed its budget. `ShardedOracle` implements the protocol over a
+pool of pipeline replicas (in-process or Ray actors; see `actors.pipeline`): it cuts each request
+into micro-batches of a fixed size, sorted by length, so that every row is computed with the same
+shapes whatever the number of replicas or stages, and results do not depend on either.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from raydapt.errors import UserError
+
+__all__ = ["Usage", "Budget", "BudgetExceededError", "BlackBoxOracle", "TokenScores", "ModelInfo",
+           "ReplicaPool", "ShardedOracle", "PROMPT_MODES"]
+
+PROMPT_MODES = ("add", "cat", "deep")
+
+
+@dataclass
+class Usage:
+    """What an oracle has served. One call = one prompt scored on a whole batch (BBT's API call)."""
+    calls: int = 0
+    examples: int = 0
+    tokens: int = 0
+    requests: int = 0
+
+    def plus(self, other: "Usage") -> "Usage":
+        return Usage(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Hard limits; None means unlimited."""
+    calls: int | None = None
+    examples: int | None = None
+    tokens: int | None = None
+
+
+class BudgetExceededError(RuntimeError):
+    """A request would take the oracle past its budget; nothing was computed or charged."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model API publishes about itself: sizes, never weights."""
+    model_type: str
+    n_layers: int
+    vocab_size: int
+    embed_dim: int       # width of the input embeddings (where BBT's prompt lives)
+    hidden_dim: int      # width of the residual stream (where BBTv2's deep prompts live)
+    max_positions: int
+
+
+@dataclass
+class TokenScores:
+    """Next-token statistics for N sequences; position t (1..len-1) lives at column t-1."""
+    lengths: np.ndarray          # (N,)
+    logprob: np.ndarray          # (N, T-1)
+    entropy: np.ndarray          # (N, T-1)
+    topk_ids: np.ndarray | None = None       # (N, T-1, k)
+    topk_logprobs: np.ndarray | None = None  # (N, T-1, k)
+    full: np.ndarray | None = None           # (N, T-1, V)
+
+
+class BlackBoxOracle(Protocol):
+    info: ModelInfo
+    usage: Usage
+    budget: Budget
+
+    def label_logits(self, input_ids: np.ndarray, lengths: np.ndarray, label_ids: list[int],
+                     prompts: np.ndarray | None = None, mode: str = "add", offset: int = 0) -> np.ndarray:
+        """(P,N,K) logits of the K label tokens at each row's answer position (length-1)."""
+
+    def token_logprobs(self, input_ids: np.ndarray, lengths: np.ndarray, top_k: int = 0,
+                       full: bool = False) -> TokenScores:
+        """Next-token statistics for every position t >= 1 of every sequence."""
+
+
+class ReplicaPool(Protocol):
+    """Where micro-batches run: `actors.pipeline.LocalPool` (in-process) or `RayPool` (actors)."""
+    info: ModelInfo
+    n_replicas: int
+
+    def put(self, value: Any) -> Any: ...
+    def submit(self, replica: int, micro_batch: dict, prompts: Any) -> Any: ...
+    def gather(self, handles: list) -> list: ...
+
+
+@dataclass
+class ShardedOracle:
+    """The oracle protocol over a pool of pipeline replicas, with accounting and a budget."""
+    pool: ReplicaPool
+    micro_batch_size: int = 32
+    budget: Budget = field(default_factory=Budget)
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.pool.info
+
+    # --- accounting --------------------------------------------------------------------------
+    def _charge(self, cost: Usage) -> None:
+        after = self.usage.plus(cost)
+        for name in ("calls", "examples", "tokens"):
+            limit = getattr(self.budget, name)
+            if limit is not None and getattr(after, name) > limit:
+                raise BudgetExceededError(
+                    f"oracle budget exceeded: this request needs {getattr(cost, name)} {name}, "
+                    f"{getattr(self.usage, name)} of {limit} are used ({limit - getattr(self.usage, name)} left)")
+        self.usage = after
+
+    # --- protocol ----------------------------------------------------------------------------
+    def label_logits(self, input_ids, lengths, label_ids, prompts=None, mode="add", offset=0) -> np.ndarray:
+        input_ids, lengths = _check_batch(input_ids, lengths, self.info)
+        prompts = self._check_prompts(prompts, mode, offset, lengths)
+        n_prompts = 1 if prompts is None else prompts.shape[0]
+        extra = prompts.shape[-2] if (prompts is not None and mode == "cat") else 0
+        if int(lengths.max()) + extra > self.info.max_positions:
+            raise UserError(f"a prompted input of {int(lengths.max()) + extra} tokens exceeds the model's "
+                            f"context of {self.info.max_positions}")
+        label_ids = [int(i) for i in label_ids]
+        if not label_ids or min(label_ids) < 0 or max(label_ids) >= self.info.vocab_size:
+            raise UserError(f"label token ids {label_ids} must be in [0, {self.info.vocab_size})")
+        self._charge(Usage(calls=n_prompts, examples=n_prompts * len(lengths),
+                           tokens=n_prompts * int((lengths + extra).sum()), requests=1))
+        rows = _rows_by_length(lengths, n_prompts)             # (P*N, 2): (prompt, example)
+        batches = []
+        for chunk in _chunks(rows, self.micro_batch_size):
+            ex = chunk[:, 1]
+            batches.append({"kind": "labels", "input_ids": input_ids[ex, : int(lengths[ex].max())],
+                            "answer_pos": lengths[ex] - 1 + extra, "prompt_index": chunk[:, 0],
+                            "label_ids": np.asarray(label_ids), "mode": mode, "offset": offset})
+        results = self._run(batches, prompts)
+        out = np.zeros((n_prompts, len(lengths), len(label_ids)), np.float32)
+        for chunk, res in zip(_chunks(rows, self.micro_batch_size, pad=False), results):
+            out[chunk[:, 0], chunk[:, 1]] = res[: len(chunk)]
+        return out
+
+    def token_logprobs(self, input_ids, lengths, top_k=0, full=False) -> TokenScores:
+        input_ids, lengths = _check_batch(input_ids, lengths, self.info)
+        if not 0 <= top_k <= self.info.vocab_size:
+            raise UserError(f"--top-k must be in [0, {self.info.vocab_size}], got {top_k}")
+        self._charge(Usage(calls=1, examples=len(lengths), tokens=int(lengths.sum()), requests=1))
+        rows = _rows_by_length(lengths, 1)
+        batches = [{"kind": "tokens", "input_ids": input_ids[c[:, 1], : int(lengths[c[:, 1]].max())],
+                    "top_k": top_k, "full": full} for c in _chunks(rows, self.micro_batch_size)]
+        results = self._run(batches, None)
+        width = input_ids.shape[1] - 1
+        scores: dict[str, np.ndarray] = {}
+        for chunk, res in zip(_chunks(rows, self.micro_batch_size, pad=False), results):
+            for name, value in res.items():
+                if name not in scores:
+                    scores[name] = np.zeros((len(lengths), width, *value.shape[2:]), value.dtype)
+                scores[name][chunk[:, 1], : value.shape[1]] = value[: len(chunk)]
+        return TokenScores(lengths=lengths, **scores)
+
+    # --- execution ---------------------------------------------------------------------------
+    def _run(self, batches: list[dict], prompts: np.ndarray | None) -> list:
+        """Micro-batch i goes to replica i mod R; all are in flight at once (pipelined)."""
+        shared = None if prompts is None else self.pool.put(prompts)
+        handles = [self.pool.submit(i % self.pool.n_replicas, mb, shared) for i, mb in enumerate(batches)]
+        return self.pool.gather(handles)
+
+    def _check_prompts(self, prompts, mode, offset, lengths) -> np.ndarray | None:
+        if mode not in PROMPT_MODES:
+            raise UserError(f"prompt mode {mode!r} is not one of {list(PROMPT_MODES)}")
+        if prompts is None:
+            return None
+        prompts = np.ascontiguousarray(prompts, dtype=np.float32)
+        info = self.info
+        expected = (("P", info.n_layers, "L", info.hidden_dim) if mode == "deep" else ("P", "L", info.embed_dim))
+        if prompts.ndim != len(expected) or prompts.shape[-1] != expected[-1] or (
+                mode == "deep" and prompts.shape[1] != info.n_layers):
+            raise UserError(f"{mode} prompts must have shape {expected}, got {prompts.shape}")
+        if mode != "cat" and offset + prompts.shape[-2] > int(lengths.min()):
+            raise UserError(f"prompt slots [{offset}, {offset + prompts.shape[-2]}) run past the shortest "
+                            f"input ({int(lengths.min())} tokens): encode inputs with the placeholder slots")
+        return prompts
+
+
+def _check_batch(input_ids, lengths, info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
+    input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if input_ids.ndim != 2 or lengths.shape != (input_ids.shape[0],) or len(lengths) == 0:
+        raise UserError(f"input_ids must be (N, T) with lengths (N,), N >= 1; got {input_ids.shape}, {lengths.shape}")
+    if lengths.min() < 1 or lengths.max() > input_ids.shape[1]:
+        raise UserError(f"lengths must be in [1, {input_ids.shape[1]}]")
+    if int(lengths.max()) > info.max_positions:
+        raise UserError(f"a sequence of {int(lengths.max())} tokens is longer than the model's context "
+                        f"of {info.max_positions}")
+    ids = input_ids[np.arange(input_ids.shape[1]) < lengths[:, None]]
+    if ids.min() < 0 or ids.max() >= info.vocab_size:
+        raise UserError(f"token ids must be in [0, {info.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+    return input_ids, lengths
+
+
+def _rows_by_length(lengths: np.ndarray, n_prompts: int) -> np.ndarray:
+    """All (prompt, example) rows, examples in stable length order, so micro-batches pad little."""
+    order = np.argsort(lengths, kind="stable")
+    prompt_idx = np.tile(np.arange(n_prompts), len(order))
+    example_idx = np.repeat(order, n_prompts)
+    return np.stack([prompt_idx, example_idx], axis=1)
+
+
+def _chunks(rows: np.ndarray, size: int, pad: bool = True):
+    """Fixed-size chunks; with `pad`, the last is filled up by repeating its last row (fixed shapes)."""
+    for start in range(0, len(rows), size):
+        chunk = rows[start:start + size]
+        if pad and len(chunk) < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
+        yield chunk
