@@ -1,0 +1,199 @@
+"""Few-shot classification tasks: Hugging Face `datasets.Dataset`s with a `text` and a `label` column.
+
+A task is scored the way BBT scores it (Sun et al., 2022): the input is a template filled with the
+text, the model's next-token logits at the end of it are read at the verbalizer's label words, one
+single-token word per class. BBT's continuous prompt occupies `prompt_tokens` placeholder slots at the
+start of each row ("add" mode adds the prompt to their embeddings).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pa_parquet
+from datasets import ClassLabel, Dataset
+
+from raydapt.defaults import assets_dir
+from raydapt.errors import UserError
+
+__all__ = ["Task", "SUPPORTED_EXTENSIONS", "load_task_file", "few_shot", "load_task", "default_task",
+           "default_task_dir", "encode_examples", "label_token_ids"]
+
+SUPPORTED_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Task:
+    """A few-shot task: the answer is the token after `template.format(text=...)`."""
+    name: str
+    template: str
+    verbalizer: list[str]
+    train: Dataset
+    dev: Dataset
+    test: Dataset
+    description: str = ""
+
+
+def _read_table(path: Path) -> pa.Table:
+    ext = path.suffix.lower()
+    try:
+        if ext == ".csv":
+            return pa_csv.read_csv(path)
+        if ext == ".jsonl":
+            return pa_json.read_json(path)
+        if ext == ".parquet":
+            return pa_parquet.read_table(path)
+        rows = json.loads(path.read_text(encoding="utf-8"))  # .json: a list of records or a dict of columns
+        return pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.Table.from_pydict(rows)
+    except (pa.ArrowInvalid, ValueError, TypeError, OSError) as e:
+        raise UserError(f"cannot read {path} as {ext[1:]}: {str(e).splitlines()[0]}")
+
+
+def _int_labels(values: list, path: Path, column: str) -> tuple[list[int], list[str] | None]:
+    """Integer labels as given (must be >= 0), or strings numbered in sorted order (names returned)."""
+    if any(v is None for v in values):
+        raise UserError(f"{path}: column {column!r} has empty values")
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        index = {name: i for i, name in enumerate(names)}
+        return [index[v] for v in values], names
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 0
+           for v in values):
+        return [int(v) for v in values], None
+    raise UserError(f"{path}: column {column!r} must hold non-negative integers or strings")
+
+
+def load_task_file(path, text_column: str = "text", label_column: str = "label") -> Dataset:
+    """Read a .csv/.jsonl/.json/.parquet file into a Dataset with columns `text` (str), `label` (int).
+
+    Integer labels are kept as they are. String labels are numbered in sorted order ("neg" -> 0,
+    "pos" -> 1) and the names kept as a `ClassLabel` feature, so `features["label"].names` maps back.
+    Other columns are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"task file {path} does not exist")
+    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise UserError(f"task file {path}: unsupported extension {path.suffix!r}; "
+                        f"accepted: {', '.join(SUPPORTED_EXTENSIONS)}")
+    table = _read_table(path)
+    for role, column in (("text", text_column), ("label", label_column)):
+        if column not in table.column_names:
+            raise UserError(f"{path}: no {role} column {column!r}; its columns are {table.column_names}")
+    texts = table.column(text_column).to_pylist()
+    if any(t is None for t in texts):
+        raise UserError(f"{path}: column {text_column!r} has empty values")
+    labels, names = _int_labels(table.column(label_column).to_pylist(), path, label_column)
+    data = Dataset.from_dict({"text": [str(t) for t in texts], "label": labels})
+    if names is not None:
+        data = data.cast_column("label", ClassLabel(names=names))
+    return data
+
+
+def few_shot(dataset: Dataset, k: int, seed: int) -> tuple[Dataset, Dataset]:
+    """`k` examples per class for train and another, disjoint `k` per class for dev, drawn with `seed`.
+
+    Both come back shuffled (classes interleaved); the same seed gives the same examples.
+    """
+    if k < 1:
+        raise UserError(f"k must be a positive number of examples per class, got {k}")
+    labels = np.asarray(dataset["label"])
+    rng = np.random.default_rng(seed)
+    train, dev = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < 2 * k:
+            raise UserError(f"class {int(c)} has {len(idx)} examples; k={k} needs 2k={2 * k} per class "
+                            "(k for train, k for dev)")
+        train.extend(idx[:k])
+        dev.extend(idx[k: 2 * k])
+    return (dataset.select(rng.permutation(train).tolist()), dataset.select(rng.permutation(dev).tolist()))
+
+
+def default_task_dir() -> Path:
+    return assets_dir() / "tasks" / "default"
+
+
+def load_task(directory, seed: int, k: int = 16) -> Task:
+    """A task stored as `task.json` (name, template, verbalizer, description) + `train.jsonl` (the pool
+    few-shot train/dev are drawn from) + `test.jsonl` (fixed)."""
+    directory = Path(directory)
+    meta_path = directory / "task.json"
+    if not meta_path.is_file():
+        raise UserError(f"{directory} is not a task directory (no task.json)")
+    meta = json.loads(meta_path.read_text())
+    train, dev = few_shot(load_task_file(directory / "train.jsonl"), k, seed)
+    return Task(name=meta["name"], template=meta["template"], verbalizer=list(meta["verbalizer"]),
+                train=train, dev=dev, test=load_task_file(directory / "test.jsonl"),
+                description=meta.get("description", ""))
+
+
+def default_task(seed: int, k: int = 16) -> Task:
+    """The default task (see `raydapt.data.make_default_task`): k-shot train/dev, the fixed test split."""
+    return load_task(default_task_dir(), seed, k)
+
+
+def label_token_ids(tokenizer, verbalizer: list[str]) -> list[int]:
+    """The token id of each label word; each must be exactly one token of `tokenizer`."""
+    ids = []
+    for word in verbalizer:
+        tokens = tokenizer.encode(word, add_special_tokens=False)
+        if len(tokens) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            raise UserError(f"verbalizer word {word!r} is {len(tokens)} tokens {pieces} in this tokenizer; "
+                            "each label word must be exactly one token")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise UserError(f"verbalizer words {verbalizer} map to repeated tokens {ids}")
+    return ids
+
+
+def _truncate_left(tokenizer, prefix: str, text: str, suffix: str, budget: int) -> list[int]:
+    """Tokens of prefix + text + suffix, dropping tokens from the left of `text` until they fit."""
+    ids = tokenizer.encode(prefix + text + suffix, add_special_tokens=False)
+    while len(ids) > budget:
+        if not text:
+            raise UserError(f"the template alone is {len(ids)} tokens, more than the {budget} allowed")
+        # Cut at a token boundary of the text's own tokenization; re-encode the whole string, since
+        # merges across the template/text boundary can change the count by one.
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        cut = min(len(ids) - budget, len(offsets))
+        text = text[offsets[cut][0]:] if cut < len(offsets) else ""
+        ids = tokenizer.encode(prefix + text + suffix, add_special_tokens=False)
+    return ids
+
+
+def encode_examples(tokenizer, texts: list[str], template: str, prompt_tokens: int = 0,
+                    placeholder_id: int | None = None, max_length: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of [placeholder_id] * prompt_tokens + tokens(template.format(text=t)), no BOS/EOS.
+
+    Returns input_ids (N, T) int64, right-padded with the tokenizer's pad id (T = the longest row),
+    and lengths (N,) int64; the answer is predicted at position lengths - 1. With `max_length`, texts
+    are cut from their left so that the end of the template always survives.
+    """
+    if template.count("{text}") != 1:
+        raise UserError(f"template must contain '{{text}}' exactly once, got {template!r}")
+    if prompt_tokens < 0 or (prompt_tokens > 0 and placeholder_id is None):
+        raise UserError("prompt_tokens must be >= 0, and a placeholder_id is needed when it is > 0")
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token")
+    prefix, suffix = template.split("{text}")
+    budget = None if max_length is None else max_length - prompt_tokens
+    if budget is not None and budget < 1:
+        raise UserError(f"max_length={max_length} leaves no room after {prompt_tokens} prompt tokens")
+    rows = []
+    for text in texts:
+        ids = (tokenizer.encode(prefix + text + suffix, add_special_tokens=False) if budget is None
+               else _truncate_left(tokenizer, prefix, text, suffix, budget))
+        rows.append([placeholder_id] * prompt_tokens + ids)
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    input_ids = np.full((len(rows), int(lengths.max(initial=0))), tokenizer.pad_token_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+    return input_ids, lengths

@@ -1,0 +1,124 @@
+"""Task files, few-shot sampling, encoding and label words, on a tiny tokenizer trained here."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydapt.data.corpus import HELD_OUT_SUITES, is_held_out
+from raydapt.data.tasks import encode_examples, few_shot, label_token_ids, load_task_file
+from raydapt.errors import UserError
+from raydapt.pretrain import EOS, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "def hello(world):\n    return world + 1\nimport email\nimport socket\n"
+    return train_tokenizer([text] * 50, vocab_size=300, context=64)
+
+
+def test_load_csv_exact(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('text,label,extra\n"a, b",1,x\nc d,0,y\n')
+    data = load_task_file(path)
+    assert data.column_names == ["text", "label"]
+    assert data.to_dict() == {"text": ["a, b", "c d"], "label": [1, 0]}
+
+
+def test_load_jsonl_string_labels_sorted(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in
+                            [{"s": "x", "y": "pos"}, {"s": "z", "y": "neg"}, {"s": "w", "y": "pos"}]))
+    data = load_task_file(path, text_column="s", label_column="y")
+    assert data.to_dict() == {"text": ["x", "z", "w"], "label": [1, 0, 1]}
+    assert data.features["label"].names == ["neg", "pos"]
+
+
+def test_load_parquet_and_json(tmp_path):
+    pq.write_table(pa.table({"text": ["p", "q"], "label": [2, 0]}), tmp_path / "t.parquet")
+    assert load_task_file(tmp_path / "t.parquet").to_dict() == {"text": ["p", "q"], "label": [2, 0]}
+    (tmp_path / "t.json").write_text(json.dumps([{"text": 7, "label": 1}]))
+    assert load_task_file(tmp_path / "t.json").to_dict() == {"text": ["7"], "label": [1]}
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("text,y\na,1\n")
+    with pytest.raises(UserError, match=r"no label column 'label'; its columns are \['text', 'y'\]"):
+        load_task_file(path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_task_file(tmp_path / "missing.csv")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(UserError, match=r"unsupported extension '\.txt'.*\.csv, \.jsonl, \.json, \.parquet"):
+        load_task_file(tmp_path / "t.txt")
+    path.write_text("text,label\na,-1\n")
+    with pytest.raises(UserError, match="non-negative integers or strings"):
+        load_task_file(path)
+
+
+def _pool(n_per_class=10, classes=3):
+    from datasets import Dataset
+    rows = [(f"c{c}-{i}", c) for c in range(classes) for i in range(n_per_class)]
+    return Dataset.from_dict({"text": [t for t, _ in rows], "label": [c for _, c in rows]})
+
+
+def test_few_shot_seeded_and_disjoint():
+    pool = _pool()
+    train, dev = few_shot(pool, k=4, seed=3)
+    again, _ = few_shot(pool, k=4, seed=3)
+    other, _ = few_shot(pool, k=4, seed=4)
+    assert train["text"] == again["text"]
+    assert set(train["text"]) != set(other["text"])
+    assert not set(train["text"]) & set(dev["text"])
+    for part in (train, dev):
+        assert np.bincount(part["label"]).tolist() == [4, 4, 4]
+        assert all(t.startswith(f"c{c}-") for t, c in zip(part["text"], part["label"]))
+
+
+def test_few_shot_too_few_examples():
+    with pytest.raises(UserError, match=r"class 0 has 10 examples; k=6 needs 2k=12"):
+        few_shot(_pool(), k=6, seed=0)
+
+
+def test_encode_examples_padding_and_placeholders(tokenizer):
+    template = "{text}\nimport"
+    ids, lengths = encode_examples(tokenizer, ["def hello(world):", "x"], template,
+                                   prompt_tokens=3, placeholder_id=7)
+    rows = [tokenizer.encode(template.format(text=t), add_special_tokens=False)
+            for t in ["def hello(world):", "x"]]
+    assert ids.dtype == np.int64 and lengths.dtype == np.int64
+    assert ids.shape == (2, 3 + max(map(len, rows)))
+    assert lengths.tolist() == [3 + len(r) for r in rows]
+    for row, ref, n in zip(ids, rows, lengths):
+        assert row[:3].tolist() == [7, 7, 7]
+        assert row[3:n].tolist() == ref
+        assert (row[n:] == tokenizer.pad_token_id).all()
+    assert tokenizer.bos_token_id not in ids[:, 3:]  # no BOS/EOS added
+    assert tokenizer.convert_tokens_to_ids(EOS) == tokenizer.eos_token_id
+
+
+def test_encode_examples_truncates_text_from_the_left(tokenizer):
+    text = " ".join(f"w{i}" for i in range(40))
+    ids, lengths = encode_examples(tokenizer, [text, "x"], "{text}\nimport", prompt_tokens=2,
+                                   placeholder_id=5, max_length=12)
+    assert ids.shape[1] <= 12 and lengths[0] <= 12
+    tail = tokenizer.decode(ids[0, 2: lengths[0]])
+    assert tail.endswith("w39\nimport") and not tail.startswith("w0 ")
+    with pytest.raises(UserError, match="template alone"):
+        encode_examples(tokenizer, ["x"], "def hello(world):\n    return {text}", max_length=2)
+
+
+def test_label_token_ids(tokenizer):
+    word_ids = label_token_ids(tokenizer, [" email", " socket"])
+    assert [tokenizer.decode([i]) for i in word_ids] == [" email", " socket"]
+    with pytest.raises(UserError, match="verbalizer word ' zebra' is [0-9]+ tokens"):
+        label_token_ids(tokenizer, [" email", " zebra"])
+
+
+def test_held_out_split_is_by_path():
+    assert all(is_held_out(s + "x.py") or s.endswith(".py") for s in HELD_OUT_SUITES)
+    assert is_held_out("test/test_email/test_email.py") and is_held_out("test/test_socket.py")
+    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
