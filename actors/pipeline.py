@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from raydapt.errors import UserError
-from raydapt.models.checkpoint import read_config
+from raydapt.models.checkpoint import read_config, tensor_index
 from raydapt.models.shard import DTYPES, stage_plan
 from raydapt.oracle import Budget, ModelInfo, ShardedOracle
 
 from actors.stage import StageWorker
 
-__all__ = ["LocalPool", "RayPool", "PoolSpec", "model_info", "local_oracle", "ray_oracle"]
+__all__ = ["LocalPool", "RayPool", "PoolSpec", "model_info", "open_pool", "local_oracle", "ray_oracle"]
 
 
 def model_info(model_dir: str | Path) -> ModelInfo:
@@ -57,6 +57,7 @@ class PoolSpec:
         if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise UserError(f"--placement {self.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
         stage_plan(self.model_dir, self.stages)  # reads the checkpoint's shapes: fails early and clearly
+        tensor_index(self.model_dir)  # opens every safetensors header here, before any actor starts
 
 
 class LocalPool:
@@ -137,6 +138,15 @@ class RayPool:
                 self._ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)
+
+
+def open_pool(spec: PoolSpec, local: bool) -> LocalPool | RayPool:
+    """In-process stages, or stage actors on the Ray cluster (started locally if none is running)."""
+    if local:
+        return LocalPool(spec)
+    from actors.cluster import init_ray
+    init_ray()
+    return RayPool(spec)
 
 
 def local_oracle(model_dir: str | Path, stages: int = 1, micro_batch_size: int = 32,

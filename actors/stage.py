@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import torch
 
+from raydapt.bbt.space import clipped_std
 from raydapt.models.heads import token_stats
 from raydapt.models.shard import DTYPES, load_shard
 
@@ -50,6 +51,8 @@ class StageWorker:
         shard = self.shard
         rows = mb.get("prompt_index")
         mode = mb.get("mode", "add")
+        if mb["kind"] == "statistics":
+            return self._statistics(mb, hidden)
         if shard.is_first:
             ids = torch.from_numpy(mb["input_ids"]).to(self.device)
             shallow = None
@@ -72,3 +75,23 @@ class StageWorker:
         parts = [token_stats(shard.logits(h[i:i + 1]), ids[i:i + 1], mb["top_k"], mb["full"])
                  for i in range(h.shape[0])]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _statistics(self, mb: dict, carried: dict | None) -> dict:
+        """Scalars only: embedding std (first stage) and the clipped std of each block's input."""
+        shard = self.shard
+        stats = carried or {"embedding_std": None, "hidden_std": []}
+        if shard.is_first:
+            h = shard.embed(torch.from_numpy(mb["input_ids"]).to(self.device))
+            weight = shard.modules_by_path[shard.family.embed_tokens].weight
+            stats["embedding_std"] = float(weight.float().std())
+        else:
+            h = torch.from_numpy(stats.pop("hidden")).to(self.device, self.dtype)
+        real = torch.arange(h.shape[1], device=h.device)[None, :] < torch.from_numpy(mb["lengths"]).to(h.device)[:, None]
+        for block in shard.blocks:
+            stats["hidden_std"].append(clipped_std(h[real].float().cpu().numpy()))
+            out = block(h, **shard.block_kwargs(h))
+            h = out[0] if isinstance(out, tuple) else out
+        if not shard.is_last:
+            stats["hidden"] = h.float().cpu().numpy()
+        return stats
+

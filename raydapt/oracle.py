@@ -84,6 +84,11 @@ class BlackBoxOracle(Protocol):
                        full: bool = False) -> TokenScores:
         """Next-token statistics for every position t >= 1 of every sequence."""
 
+    def statistics(self, input_ids: np.ndarray, lengths: np.ndarray) -> dict:
+        """Scale statistics a prompt search needs, as scalars: `embedding_std` (std of the token
+        embedding matrix, BBT's scale for A) and `hidden_std` (per block input, 3-sigma clipped std
+        over the real positions of these inputs, BBTv2's per-layer scale)."""
+
 
 class ReplicaPool(Protocol):
     """Where micro-batches run: `actors.pipeline.LocalPool` (in-process) or `RayPool` (actors)."""
@@ -162,6 +167,12 @@ class ShardedOracle:
                     scores[name] = np.zeros((len(lengths), width, *value.shape[2:]), value.dtype)
                 scores[name][chunk[:, 1], : value.shape[1]] = value[: len(chunk)]
         return TokenScores(lengths=lengths, **scores)
+
+    def statistics(self, input_ids, lengths) -> dict:
+        input_ids, lengths = _check_batch(input_ids, lengths, self.info)
+        self._charge(Usage(calls=1, examples=len(lengths), tokens=int(lengths.sum()), requests=1))
+        mb = {"kind": "statistics", "input_ids": input_ids[:, : int(lengths.max())], "lengths": lengths}
+        return self.pool.gather([self.pool.submit(0, mb, None)])[0]
 
     # --- execution ---------------------------------------------------------------------------
     def _run(self, batches: list[dict], prompts: np.ndarray | None) -> list:

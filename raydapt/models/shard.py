@@ -95,10 +95,7 @@ class Shard(nn.Module):
                    offset: int = 0) -> torch.Tensor:
         """hidden (B,T,D) through this stage's blocks. `deep_prompt` (B, n_blocks, L, D) is added at
         positions [offset, offset+L) of each block's input (BBTv2's prompt at every layer)."""
-        pos = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
-        kwargs = {"attention_mask": None, "position_ids": pos}
-        if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, pos)
+        kwargs = self.block_kwargs(hidden)
         for i, block in enumerate(self.blocks):
             if deep_prompt is not None:
                 p = deep_prompt[:, i].to(hidden.dtype)
@@ -107,6 +104,14 @@ class Shard(nn.Module):
             out = block(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def block_kwargs(self, hidden: torch.Tensor) -> dict:
+        """Keyword arguments of every block: no mask (sdpa's causal path), positions 0..T-1."""
+        pos = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+        kwargs = {"attention_mask": None, "position_ids": pos}
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, pos)
+        return kwargs
 
     # --- last stage --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

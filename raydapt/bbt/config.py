@@ -1,0 +1,75 @@
+"""The typed config of black-box prompt search jobs (BBT, BBTv2; GDFO extends it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raydapt.config import check, field
+
+__all__ = ["BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
+
+# Fields that change where and how fast a run executes, never its numbers: a resumed run may
+# change them (e.g. resume a 1x1 run on 2 replicas x 2 stages).
+RESULT_NEUTRAL_FIELDS = ("resume", "output_dir", "replicas", "stages", "cpus_per_stage", "gpus_per_stage",
+                         "local", "log_every", "placement")
+
+
+@dataclass
+class BBTConfig:
+    """Black-box tuning of a continuous prompt: CMA-ES / nevergrad in a random subspace (BBT, BBTv2)."""
+    method: str = field("bbt", "bbt: one prompt at the input; bbtv2: a prompt at every layer, "
+                        "searched layer by layer", choices=("bbt", "bbtv2"))
+    optimizer: str = field("cma", "cma (pycma) or any nevergrad optimizer name (CMA, NGOpt, TwoPointsDE, "
+                           "OnePlusOne, ...)")
+    budget: int = field(8000, "API calls for the search; one call = one candidate on the whole train set")
+    popsize: int = field(20, "candidates per generation")
+    intrinsic_dim: int = field(500, "d: dimension of the searched z (prompt = A z + p0)")
+    prompt_length: int = field(50, "L: prompt tokens")
+    sigma: float = field(1.0, "initial step size of the search (z starts at 0)")
+    alpha: float = field(1.0, "scale of A: std = alpha * std(embeddings) / (sqrt(d) * sigma)")
+    projection: str = field("normal", "distribution of A", choices=("normal", "uniform"))
+    mode: str = field("add", "add: A z is added to L placeholder embeddings (p0); cat: A z is inserted "
+                      "before the text (p0 = 0)", choices=("add", "cat"))
+    loss: str = field("ce", "search objective on the label-word logits", choices=("ce", "hinge"))
+    k_shot: int = field(16, "train examples per class (and as many more for dev)")
+    dev_every: int = field(100, "score the best prompt on dev every this many API calls")
+    seed: int = field(42, "master seed: few-shot sample, projection A, optimizer")
+    model: str = field("", "checkpoint dir of the black-box LM (default: the built large LM)")
+    task: str = field("", "task file (.csv/.jsonl/.parquet with text and label columns); default: the "
+                      "built-in task")
+    test_file: str = field("", "test file for --task (default: the task file's examples not sampled)")
+    template: str = field("{text}", "template for --task; {text} is replaced by the input")
+    verbalizer: str = field("", "comma-separated label words for --task, one single token each, in label order")
+    text_column: str = field("text", "text column of --task")
+    label_column: str = field("label", "label column of --task")
+    replicas: int = field(1, "oracle pipeline replicas")
+    stages: int = field(1, "pipeline stages per replica")
+    cpus_per_stage: float = field(1.0, "CPUs per stage actor")
+    gpus_per_stage: float = field(0.0, "GPUs per stage actor")
+    placement: str = field("PACK", "placement group strategy of a replica's stages",
+                           choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    micro_batch: int = field(32, "rows per micro-batch (fixed: results do not depend on replicas/stages)")
+    local: bool = field(False, "serve the model in this process instead of Ray actors")
+    output_dir: str = field("runs/bbt", "where result.json, the prompt, the log and the checkpoint go")
+    resume: bool = field(False, "continue the run in --output-dir from its last checkpoint")
+    log_every: int = field(5, "print a progress line every this many generations")
+
+    def __post_init__(self):
+        check(self.popsize >= 2, "popsize", f"must be >= 2, got {self.popsize}")
+        check(self.intrinsic_dim >= 1, "intrinsic_dim", f"must be >= 1, got {self.intrinsic_dim}")
+        check(self.prompt_length >= 1, "prompt_length", f"must be >= 1, got {self.prompt_length}")
+        check(self.budget >= self.popsize, "budget",
+              f"{self.budget} is smaller than one population (--popsize {self.popsize})")
+        check(self.sigma > 0, "sigma", f"must be > 0, got {self.sigma}")
+        check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")
+        check(self.dev_every >= 1, "dev_every", f"must be >= 1, got {self.dev_every}")
+        check(self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
+        check(self.stages >= 1, "stages", f"must be >= 1, got {self.stages}")
+        check(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+        check(self.seed != 0, "seed", "must be non-zero (pycma reads 0 as 'seed from the clock')")
+        check(bool(self.task) or not self.test_file, "test_file", "needs --task")
+        check(not self.task or bool(self.verbalizer), "verbalizer", "is required with --task")
+
+
+# A small preset that finishes in under 3 minutes on 2 cores, Ray start-up included.
+QUICK = {"budget": 600, "popsize": 10, "intrinsic_dim": 50, "prompt_length": 5, "k_shot": 8,
+         "dev_every": 50}

@@ -1,0 +1,67 @@
+"""The few-shot task, encoded once for the oracle: token ids, lengths, labels, label-word ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raydapt.data.tasks import Task, default_task, encode_examples, few_shot, label_token_ids, load_task_file
+
+__all__ = ["Split", "EncodedTask", "load_configured_task", "encode_task", "placeholder_ids"]
+
+
+@dataclass(frozen=True)
+class Split:
+    input_ids: np.ndarray  # (N, T) int64, right-padded
+    lengths: np.ndarray    # (N,)
+    labels: np.ndarray     # (N,)
+
+
+@dataclass(frozen=True)
+class EncodedTask:
+    train: Split
+    dev: Split
+    test: Split
+    manual_test: Split     # the hand-written template alone, without prompt slots
+    label_ids: list[int]
+    prompt_offset: int     # prompt slots start here (add mode) / the prompt is inserted here (cat)
+
+
+def load_configured_task(cfg) -> Task:
+    """The built-in task, or a user's file with its template and verbalizer."""
+    if not cfg.task:
+        return default_task(seed=cfg.seed, k=cfg.k_shot)
+
+    pool = load_task_file(cfg.task, cfg.text_column, cfg.label_column)
+    train, dev = few_shot(pool, cfg.k_shot, cfg.seed)
+    if cfg.test_file:
+        test = load_task_file(cfg.test_file, cfg.text_column, cfg.label_column)
+    else:
+        used = set(train["text"]) | set(dev["text"])
+        test = pool.filter(lambda row: row["text"] not in used)
+    return Task(name=cfg.task, template=cfg.template, verbalizer=[w for w in cfg.verbalizer.split(",")],
+                train=train, dev=dev, test=test)
+
+
+def placeholder_ids(vocab_size: int, length: int) -> list[int]:
+    """BBT's p0 slots: L consecutive ordinary vocabulary tokens (the reference code also takes a
+    fixed run of vocabulary ids), away from the special tokens at the start of the vocabulary."""
+    start = min(1000, max(0, vocab_size // 4))
+    return [start + i for i in range(length)]
+
+
+def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, vocab_size: int,
+                max_length: int) -> EncodedTask:
+    slots = prompt_length if mode == "add" else 0
+
+    def encode(split, tokens: int) -> Split:
+        ids, lengths = encode_examples(tokenizer, list(split["text"]), task.template, tokens,
+                                       placeholder_id=tokenizer.pad_token_id,
+                                       max_length=max_length - (prompt_length if mode == "cat" else 0))
+        if tokens:
+            ids[:, :tokens] = placeholder_ids(vocab_size, tokens)
+        return Split(ids, lengths, np.asarray(split["label"], dtype=np.int64))
+
+    return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),
+                       manual_test=encode(task.test, 0), label_ids=label_token_ids(tokenizer, task.verbalizer),
+                       prompt_offset=0)

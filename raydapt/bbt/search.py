@@ -1,0 +1,146 @@
+"""The BBT / BBTv2 coordinator (Sun et al., ICML 2022; EMNLP 2022).
+
+Each generation asks the optimizer for a population, scores all of it on the few-shot train set in
+ONE oracle request (the oracle spreads its micro-batches over replicas and stages), and tells the
+losses back. API calls are counted as BBT counts them: one candidate on the whole train set. The
+best prompt by train loss is scored on dev every `dev_every` calls; the best by dev is kept. After
+every generation the whole search state is checkpointed atomically, so a killed run resumes to
+exactly the result of an uninterrupted one. No Ray here: the oracle object is the only way out.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from raydapt.bbt.inputs import EncodedTask, Split
+from raydapt.bbt.losses import LOSSES, accuracy
+from raydapt.bbt.space import DeepPromptSpace, PromptSpace
+from raydapt.oracle import BlackBoxOracle
+from raydapt.outputs import append_jsonl, load_pickle, save_pickle, truncate_jsonl
+from raydapt.search.optimizers import Optimizer, make_optimizer, restore
+
+__all__ = ["SearchState", "PromptSearch"]
+
+
+@dataclass
+class SearchState:
+    """Everything a resumed search needs; pickled after every generation."""
+    generation: int = 0
+    api_calls: int = 0
+    optimizers: list[bytes] = field(default_factory=list)
+    layer_best: np.ndarray | None = None     # BBTv2: the best z of every layer, (n_layers, d)
+    best_train_loss: float = float("inf")
+    best_train_z: np.ndarray | None = None   # BBT: (d,); BBTv2: (n_layers, d)
+    best_dev_accuracy: float = -1.0
+    best_dev_loss: float = float("inf")
+    best_z: np.ndarray | None = None         # the best prompt by dev
+    dev_scored_at: int = 0
+    log_rows: int = 0
+    elapsed_s: float = 0.0
+
+
+class PromptSearch:
+    """Runs BBT (one prompt at the input) or BBTv2 (a prompt per layer, layer by layer)."""
+
+    def __init__(self, cfg, oracle: BlackBoxOracle, data: EncodedTask, space: PromptSpace | DeepPromptSpace,
+                 out_dir: Path, progress: Callable[[str], None] = print):
+        self.cfg, self.oracle, self.data, self.space = cfg, oracle, data, space
+        self.out_dir, self.progress = Path(out_dir), progress
+        self.loss_fn = LOSSES[cfg.loss]
+        self.deep = cfg.method == "bbtv2"
+        self.n_layers = space.n_layers if self.deep else 1
+        self.optimizers: list[Optimizer] = []
+
+    # --- prompts -----------------------------------------------------------------------------
+    def prompts(self, z: np.ndarray, layer: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:
+        """z (P, d) -> (P, L, D) for BBT; for BBTv2 layer `layer` takes z, the others `fixed`."""
+        if self.deep:
+            return self.space.population(layer, z, fixed)
+        return self.space.project(z)
+
+    def full_prompt(self, z: np.ndarray) -> np.ndarray:
+        """One searched z (BBT: (d,); BBTv2: (n_layers, d)) -> a batch of one prompt."""
+        return self.space.assemble(z)[None] if self.deep else self.space.project(z[None])
+
+    def score(self, split: Split, prompts: np.ndarray | None) -> np.ndarray:
+        mode = "deep" if self.deep else self.cfg.mode
+        return self.oracle.label_logits(split.input_ids, split.lengths, self.data.label_ids, prompts, mode,
+                                        self.data.prompt_offset)
+
+    # --- state -------------------------------------------------------------------------------
+    def fresh_state(self) -> SearchState:
+        cfg = self.cfg
+        rounds = max(1, cfg.budget // cfg.popsize)
+        self.optimizers = [make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, rounds,
+                                          seed=cfg.seed * 1009 + layer, sigma=cfg.sigma)
+                           for layer in range(self.n_layers)]
+        layer_best = np.zeros((self.n_layers, cfg.intrinsic_dim), np.float64) if self.deep else None
+        return SearchState(layer_best=layer_best)
+
+    def checkpoint(self, state: SearchState) -> None:
+        state.optimizers = [opt.state_bytes() for opt in self.optimizers]
+        save_pickle(self.out_dir / "checkpoint.pkl", state)
+
+    def resume(self) -> SearchState:
+        state: SearchState = load_pickle(self.out_dir / "checkpoint.pkl")
+        self.optimizers = [restore(data) for data in state.optimizers]
+        truncate_jsonl(self.out_dir / "log.jsonl", state.log_rows)
+        return state
+
+    # --- the loop ----------------------------------------------------------------------------
+    def step(self, state: SearchState) -> dict:
+        """One generation: ask, score the population in one request, tell."""
+        layer = state.generation % self.n_layers
+        opt = self.optimizers[layer]
+        z = np.asarray(opt.ask(), dtype=np.float64)                   # (P, d)
+        logits = self.score(self.data.train, self.prompts(z, layer, state.layer_best))
+        losses = self.loss_fn(logits, self.data.train.labels)         # (P,)
+        opt.tell(z, losses)
+        state.api_calls += len(z)
+        state.generation += 1
+        best = int(np.argmin(losses))
+        if self.deep:
+            state.layer_best[layer] = opt.best()[0]
+        if losses[best] < state.best_train_loss:
+            state.best_train_loss = float(losses[best])
+            state.best_train_z = (state.layer_best.copy() if self.deep else z[best].copy())
+            if self.deep:
+                state.best_train_z[layer] = z[best]
+        return {"generation": state.generation, "layer": layer, "api_calls": state.api_calls,
+                "population_mean_loss": float(np.mean(losses)), "population_best_loss": float(losses[best]),
+                "best_train_loss": state.best_train_loss,
+                "train_accuracy_of_best": float(accuracy(logits[best], self.data.train.labels))}
+
+    def score_dev(self, state: SearchState) -> dict:
+        logits = self.score(self.data.dev, self.full_prompt(state.best_train_z))[0]
+        acc = float(accuracy(logits, self.data.dev.labels))
+        loss = float(self.loss_fn(logits, self.data.dev.labels))
+        if (acc, -loss) > (state.best_dev_accuracy, -state.best_dev_loss):
+            state.best_dev_accuracy, state.best_dev_loss = acc, loss
+            state.best_z = state.best_train_z.copy()
+        state.dev_scored_at = state.api_calls
+        return {"dev_accuracy": acc, "dev_loss": loss, "best_dev_accuracy": state.best_dev_accuracy}
+
+    def run(self, state: SearchState) -> SearchState:
+        cfg = self.cfg
+        log_path = self.out_dir / "log.jsonl"
+        started = time.perf_counter() - state.elapsed_s
+        while state.api_calls + cfg.popsize <= cfg.budget:
+            row = self.step(state)
+            last = state.api_calls + cfg.popsize > cfg.budget
+            if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
+                row |= self.score_dev(state)
+            state.elapsed_s = time.perf_counter() - started
+            row["elapsed_s"] = round(state.elapsed_s, 3)
+            append_jsonl(log_path, row)
+            state.log_rows += 1
+            self.checkpoint(state)
+            if state.generation % cfg.log_every == 0 or last:
+                dev = f" | dev acc {row['dev_accuracy']:.3f} (best {state.best_dev_accuracy:.3f})" if "dev_accuracy" in row else ""
+                self.progress(f"gen {state.generation:4d} | calls {state.api_calls:5d}/{cfg.budget} | "
+                              f"best train loss {state.best_train_loss:.4f}{dev}")
+        return state

@@ -1,0 +1,103 @@
+"""jobs/bbt.py end to end: invariance across replicas x stages, SIGKILL + --resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(ROOT / "jobs" / "bbt.py")]
+# Smaller than --quick: these tests check mechanics, not quality.
+SMALL = ["--quick", "--seed", "7", "--budget", "120", "--dev-every", "40"]
+METRICS = ("api_calls", "generations", "best_train_loss", "dev_accuracy", "test_accuracy", "test_f1",
+           "manual_prompt_test_accuracy", "oracle_usage")
+
+
+def run_job(*args, check=True, timeout=600):
+    result = subprocess.run([*JOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(out: Path) -> dict:
+    result = json.loads((out / "result.json").read_text())
+    return {k: result[k] for k in METRICS}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_same_result_on_1x1_and_2x2(tmp_path):
+    one, four = tmp_path / "r1s1", tmp_path / "r2s2"
+    run_job(*SMALL, "--replicas", 1, "--stages", 1, "--output-dir", one)
+    run_job(*SMALL, "--replicas", 2, "--stages", 2, "--output-dir", four)
+    assert (one / "best_prompt.safetensors").read_bytes() == (four / "best_prompt.safetensors").read_bytes()
+    assert metrics(one) == metrics(four)
+    for name in ("log.jsonl", "curve.png", "config.json", "checkpoint.pkl"):
+        assert (one / name).exists()
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_equals_uninterrupted(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_job(*SMALL, "--local", "--output-dir", whole)
+    proc = subprocess.Popen([*JOB, *SMALL, "--local", "--output-dir", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = killed / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # only the job we started, and its children
+    proc.wait()
+    assert not (killed / "result.json").exists()
+    run_job(*SMALL, "--local", "--output-dir", killed, "--resume")
+    assert (whole / "best_prompt.safetensors").read_bytes() == (killed / "best_prompt.safetensors").read_bytes()
+    assert metrics(whole) == metrics(killed)
+    assert len((killed / "log.jsonl").read_text().splitlines()) == len((whole / "log.jsonl").read_text().splitlines())
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--optimizer", "Nonsense"], ["--optimizer", "Nonsense"]),
+    (["--popsize", "1"], ["--popsize", ">= 2"]),
+    (["--budget", "5", "--popsize", "10"], ["--budget", "smaller than one population"]),
+    (["--intrinsic-dim", "0"], ["--intrinsic-dim", ">= 1"]),
+])
+def test_bad_flags(tmp_path, args, fragments):
+    assert_one_line_error(run_job("--quick", "--local", "--output-dir", tmp_path / "o", *args, check=False), *fragments)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_task_files(tmp_path):
+    no_label = tmp_path / "no_label.csv"
+    no_label.write_text("text,category\nhello,0\n")
+    result = run_job("--quick", "--local", "--task", no_label, "--verbalizer", " a, b", "--output-dir", tmp_path / "o",
+                     check=False)
+    assert_one_line_error(result, "label")
+    good = tmp_path / "task.jsonl"
+    good.write_text("".join(json.dumps({"text": f"line {i}", "label": i % 2}) + "\n" for i in range(40)))
+    result = run_job("--quick", "--local", "--task", good, "--verbalizer", " email, xyzzyplugh",
+                     "--output-dir", tmp_path / "o", check=False)
+    assert_one_line_error(result, "xyzzyplugh", "exactly one token")
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"popsize": 99}))
+    result = run_job("--quick", "--local", "--output-dir", out, "--resume", check=False)
+    assert_one_line_error(result, "--resume", "different config", "popsize")

@@ -1,0 +1,96 @@
+"""The BBT/BBTv2 coordinator against a fake oracle whose best prompt is known."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from raydapt.bbt.config import BBTConfig
+from raydapt.bbt.inputs import EncodedTask, Split
+from raydapt.bbt.search import PromptSearch
+from raydapt.bbt.space import DeepPromptSpace, PromptSpace
+from raydapt.oracle import ModelInfo, Usage
+
+WIDTH, LENGTH, LAYERS = 8, 2, 3
+
+
+class TargetOracle:
+    """The gold label's logit is minus the squared distance of the prompt to a fixed target."""
+    info = ModelInfo("fake", LAYERS, 16, WIDTH, WIDTH, 64)
+
+    def __init__(self):
+        self.usage = Usage()
+        self.target = np.random.default_rng(0).normal(0, 0.05, (LENGTH, WIDTH))
+
+    def label_logits(self, input_ids, lengths, label_ids, prompts=None, mode="add", offset=0):
+        n = len(lengths)
+        if prompts is None:
+            prompts = np.zeros((1, LENGTH, WIDTH))
+        if mode == "deep":
+            prompts = prompts.sum(axis=1)  # the layers' prompts act together
+        distance = ((prompts - self.target) ** 2).sum(axis=(1, 2))               # (P,)
+        labels = input_ids[:, 0]
+        logits = np.zeros((len(prompts), n, 2))
+        # 0 for the zero prompt (a tie: half right), positive (all right) for anything closer.
+        logits[:, np.arange(n), labels] = 1 - distance[:, None] / (self.target ** 2).sum()
+        self.usage = self.usage.plus(Usage(calls=len(prompts), examples=len(prompts) * n))
+        return logits
+
+
+def split(n: int) -> Split:
+    labels = np.arange(n) % 2
+    return Split(labels[:, None].astype(np.int64), np.ones(n, np.int64), labels)
+
+
+DATA = EncodedTask(split(8), split(8), split(8), split(8), [0, 1], 0)
+
+
+def search(tmp_path, method="bbt", **overrides):
+    cfg = dataclasses.replace(BBTConfig(method=method, budget=400, popsize=8, intrinsic_dim=6,
+                                        prompt_length=LENGTH, dev_every=80, seed=3, log_every=10**6), **overrides)
+    if method == "bbtv2":
+        space = DeepPromptSpace(cfg.intrinsic_dim, LENGTH, WIDTH, [0.05] * LAYERS, cfg.seed)
+    else:
+        space = PromptSpace(cfg.intrinsic_dim, LENGTH, WIDTH, 0.05, cfg.seed)
+    return PromptSearch(cfg, TargetOracle(), DATA, space, tmp_path, progress=lambda line: None)
+
+
+@pytest.mark.parametrize("method, optimizer", [("bbt", "cma"), ("bbt", "TwoPointsDE"), ("bbtv2", "cma")])
+def test_loss_falls_and_budget_is_exact(tmp_path, method, optimizer):
+    s = search(tmp_path, method, optimizer=optimizer)
+    first_loss = s.step(s.fresh_state())["population_mean_loss"]
+    s = search(tmp_path / "run", method, optimizer=optimizer)
+    (tmp_path / "run").mkdir()
+    state = s.run(s.fresh_state())
+    assert state.api_calls == 400 and state.generation == 50
+    assert state.best_train_loss < 0.5 * first_loss
+    assert state.best_dev_accuracy == 1.0 and state.best_z is not None
+    assert s.oracle.usage.calls == 400 + 5  # the train calls plus one dev call at 80, 160, 240, 320, 400
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 50 and sum('"dev_accuracy"' in line for line in log) == 5
+
+
+def test_resumed_search_equals_uninterrupted(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    whole = search(tmp_path / "a")
+    expected = whole.run(whole.fresh_state())
+    part = search(tmp_path / "b")
+    calls = 0
+    real = part.oracle.label_logits
+
+    def dies_at_generation_23(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 23 + 2:  # 23 generations and 2 dev scorings went through
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    part.oracle.label_logits = dies_at_generation_23
+    with pytest.raises(KeyboardInterrupt):
+        part.run(part.fresh_state())
+    resumed = search(tmp_path / "b")
+    state = resumed.run(resumed.resume())
+    assert np.array_equal(state.best_z, expected.best_z)
+    assert state.best_train_loss == expected.best_train_loss
+    assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == (tmp_path / "b" / "log.jsonl").read_text().count("\n")
