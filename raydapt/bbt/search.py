@@ -74,8 +74,8 @@ class PromptSearch:
     # --- state -------------------------------------------------------------------------------
     def fresh_state(self) -> SearchState:
         cfg = self.cfg
-        rounds = max(1, cfg.budget // cfg.popsize)
-        self.optimizers = [make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, rounds,
+        evaluations = max(1, cfg.budget // self.n_layers)  # BBTv2: the budget is shared by the layers
+        self.optimizers = [make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, evaluations,
                                           seed=cfg.seed * 1009 + layer, sigma=cfg.sigma)
                            for layer in range(self.n_layers)]
         layer_best = np.zeros((self.n_layers, cfg.intrinsic_dim), np.float64) if self.deep else None
@@ -125,13 +125,17 @@ class PromptSearch:
         state.dev_scored_at = state.api_calls
         return {"dev_accuracy": acc, "dev_loss": loss, "best_dev_accuracy": state.best_dev_accuracy}
 
+    def generation_calls(self, state: SearchState) -> int:
+        """API calls the next generation takes at least."""
+        return self.cfg.popsize
+
     def run(self, state: SearchState) -> SearchState:
         cfg = self.cfg
         log_path = self.out_dir / "log.jsonl"
         started = time.perf_counter() - state.elapsed_s
-        while state.api_calls + cfg.popsize <= cfg.budget:
+        while state.api_calls + self.generation_calls(state) <= cfg.budget:
             row = self.step(state)
-            last = state.api_calls + cfg.popsize > cfg.budget
+            last = state.api_calls + self.generation_calls(state) > cfg.budget
             if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
                 row |= self.score_dev(state)
             state.elapsed_s = time.perf_counter() - started

@@ -1,0 +1,60 @@
+"""The typed config of GDFO jobs: BBT's fields plus the student's and the harmonisation's."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raydapt.bbt.config import QUICK as BBT_QUICK
+from raydapt.bbt.config import BBTConfig
+from raydapt.config import check, field
+from raydapt.gdfo.student import StudentSettings
+
+__all__ = ["GDFOConfig", "QUICK"]
+
+
+@dataclass
+class GDFOConfig(BBTConfig):
+    """GDFO: BBT's derivative-free prompt search harmonised with gradient steps through a white-box
+    student distilled online from the black-box teacher's answers (docs/gdfo.md)."""
+    variant: str = field("gdfo", "gdfo: CMA-ES/nevergrad plus injected gradient points; gradient: "
+                         "gradient steps through the student only (ablation)", choices=("gdfo", "gradient"))
+    student: str = field("", "checkpoint dir of the white-box student (default: the built small LM)")
+    student_map: str = field("projection", "z -> student prompt: its own seeded projection (fixed) or "
+                             "learned with the student", choices=("projection", "learned"))
+    temperature: float = field(4.0, "distillation temperature T")
+    distill: str = field("soft_ce", "distillation loss", choices=("soft_ce", "kl"))
+    hard_weight: float = field(0.0, "weight of the gold-label loss added to the distillation loss")
+    student_lr: float = field(1e-3, "Adam learning rate of the student")
+    student_steps: int = field(4, "student Adam steps per generation (fixed work)")
+    replay: int = field(64, "rows replayed from older generations per student step")
+    grad_steps: int = field(5, "gradient steps on z per generation (the path the injected points come from)")
+    grad_lr: float = field(0.5, "length of one normalised gradient step, in units of sigma * sqrt(d)")
+    grad_start: str = field("best", "where gradient steps start: the best z so far, or the CMA mean (cma only)",
+                            choices=("best", "mean"))
+    max_inject: int = field(4, "most gradient points added to a generation (each costs one API call)")
+    trust: str = field("adaptive", "how many to inject: adaptive = max_inject * max(0, Spearman rho of the "
+                       "student's forecast vs the teacher's losses on the last generation); always; never",
+                       choices=("adaptive", "always", "never"))
+    baseline: str = field("none", "also run BBT with the same seed and budget first, and compare",
+                          choices=("bbt", "none"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.method == "bbt", "method", "GDFO searches BBT's input prompt; bbtv2 is not supported")
+        check(self.mode == "add", "mode", "GDFO uses add mode (the student adds the same z at its slots)")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.student_lr >= 0, "student_lr", f"must be >= 0, got {self.student_lr}")
+        check(self.grad_lr >= 0, "grad_lr", f"must be >= 0, got {self.grad_lr}")
+        check(self.hard_weight >= 0, "hard_weight", f"must be >= 0, got {self.hard_weight}")
+        check(self.student_steps >= 0, "student_steps", f"must be >= 0, got {self.student_steps}")
+        check(self.grad_steps >= 1, "grad_steps", f"must be >= 1, got {self.grad_steps}")
+        check(0 <= self.max_inject <= self.grad_steps, "max_inject", f"must be in [0, --grad-steps], got {self.max_inject}")
+        check(self.grad_start == "best" or self.optimizer == "cma", "grad_start", "mean needs --optimizer cma")
+
+    def student_settings(self) -> StudentSettings:
+        return StudentSettings(temperature=self.temperature, distill=self.distill, hard_weight=self.hard_weight,
+                               lr=self.student_lr, steps=self.student_steps, replay=self.replay,
+                               train_map=self.student_map == "learned", grad_steps=self.grad_steps,
+                               grad_lr=self.grad_lr, seed=self.seed * 7919 + 17)
+
+
+QUICK = dict(BBT_QUICK)

@@ -1,0 +1,162 @@
+"""The GDFO coordinator: BBT's loop, with a distilled student's gradient points in the population.
+
+Generation g (docs/gdfo.md has the equations):
+  1. ask P candidates Z_g; add n_g points G_g from the student's gradient path of generation g-1,
+     n_g = round(max_inject * max(0, rho_{g-1})) with rho the student's forecast quality;
+  2. the student (its own actor) learns from the teacher's answers to generation g-1, forecasts the
+     loss of Z_g + G_g, and descends from the best z so far: fixed work, started before step 3;
+  3. the teacher scores Z_g + G_g in one oracle request, concurrently with step 2;
+  4. tell all P + n_g losses to CMA-ES: the teacher's answers decide what stays;
+  5. collect the student's result (the time spent waiting for it is measured) and checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raydapt.bbt.losses import accuracy
+from raydapt.bbt.search import PromptSearch, SearchState
+from raydapt.gdfo.student import spearman
+
+__all__ = ["GDFOState", "GDFOSearch"]
+
+
+@dataclass
+class GDFOState(SearchState):
+    student: bytes | None = None
+    learn: tuple | None = None          # (z, teacher logits) of the last generation, to learn next
+    path: np.ndarray | None = None      # the student's last gradient path (grad_steps, d)
+    rho: float | None = None            # Spearman(student forecast, teacher loss), last generation
+    rhos: list = field(default_factory=list)
+    injected: int = 0
+    injected_won: int = 0               # generations whose best candidate was a gradient point
+    wait_s: float = 0.0                 # coordinator time blocked on the student
+    student_s: float = 0.0              # student compute time
+    teacher_s: float = 0.0              # teacher (oracle) time
+
+
+class GDFOSearch(PromptSearch):
+    def __init__(self, cfg, oracle, data, space, out_dir, progress=print):
+        super().__init__(cfg, oracle, data, space, out_dir, progress)
+        self.student = self._start_student()
+
+    def _start_student(self):
+        from actors.student import StudentWorker
+
+        train = (self.data.train.input_ids, self.data.train.lengths, self.data.train.labels)
+        args = (self.cfg.student, self.cfg.student_settings(), self.data.label_ids, train, self.cfg.intrinsic_dim,
+                self.cfg.prompt_length, self.cfg.alpha, self.cfg.sigma, self.cfg.projection)
+        if self.cfg.local:
+            return _Inline(StudentWorker(*args))
+        import ray
+        return ray.remote(StudentWorker).options(num_cpus=1).remote(*args)
+
+    def _call(self, method: str, *args):
+        return getattr(self.student, method).remote(*args)
+
+    def _get(self, handle):
+        if isinstance(self.student, _Inline):
+            return handle
+        import ray
+        return ray.get(handle)
+
+    # --- state -------------------------------------------------------------------------------
+    def fresh_state(self) -> GDFOState:
+        base = super().fresh_state()
+        return GDFOState(**{k: getattr(base, k) for k in SearchState.__dataclass_fields__})
+
+    def resume(self) -> GDFOState:
+        state = super().resume()
+        if state.student is not None:
+            self._get(self._call("load_state", state.student))
+        return state
+
+    # --- one generation ----------------------------------------------------------------------
+    def _start_point(self, state: GDFOState) -> np.ndarray:
+        opt = self.optimizers[0]
+        if self.cfg.grad_start == "mean":
+            return np.asarray(opt._es.mean, dtype=np.float64)
+        best = opt.best()[0] if self.cfg.variant == "gdfo" else state.best_train_z
+        return np.zeros(self.cfg.intrinsic_dim) if best is None else best
+
+    def _injections(self, state: GDFOState, room: int) -> np.ndarray:
+        cfg = self.cfg
+        if state.path is None:
+            return np.zeros((0, cfg.intrinsic_dim))
+        if cfg.variant == "gradient":
+            return state.path[:room]
+        trust = {"always": 1.0, "never": 0.0}.get(cfg.trust, max(0.0, state.rho or 0.0))
+        n = min(int(round(cfg.max_inject * trust)), room)
+        return state.path[len(state.path) - n:] if n else np.zeros((0, cfg.intrinsic_dim))
+
+    def _population(self, state: GDFOState) -> np.ndarray:
+        cfg = self.cfg
+        if cfg.variant == "gradient":
+            if state.path is None:  # bootstrap: a Gaussian population around 0, for the student to learn from
+                rng = np.random.default_rng(cfg.seed)
+                return rng.normal(0, cfg.sigma, (cfg.popsize, cfg.intrinsic_dim))
+            return np.zeros((0, cfg.intrinsic_dim))
+        return np.asarray(self.optimizers[0].ask(), dtype=np.float64)
+
+    def step(self, state: GDFOState) -> dict:
+        cfg = self.cfg
+        asked = self._population(state)
+        injected = self._injections(state, max(0, cfg.budget - state.api_calls - len(asked)))
+        z = np.concatenate([asked, injected])                          # (P + n, d)
+        handle = self._call("generation", z, state.learn, self._start_point(state))  # runs beside the teacher
+        began = time.perf_counter()
+        logits = self.score(self.data.train, self.prompts(z))          # (P + n, N, K)
+        state.teacher_s += time.perf_counter() - began
+        losses = self.loss_fn(logits, self.data.train.labels)
+        if cfg.variant == "gdfo":
+            self.optimizers[0].tell(z, losses)
+        waited = time.perf_counter()
+        out = self._get(handle)
+        state.wait_s += time.perf_counter() - waited
+        state.student_s += out["compute_s"]
+        state.student, state.path, state.learn = out["state"], out["path"], (z.astype(np.float32), logits)
+        state.rho = spearman(out["predicted"], losses)
+        state.rhos.append(state.rho)
+        state.api_calls += len(z)
+        state.generation += 1
+        best = int(np.argmin(losses))
+        state.injected += len(injected)
+        state.injected_won += int(best >= len(asked) and len(injected) > 0)
+        if losses[best] < state.best_train_loss:
+            state.best_train_loss, state.best_train_z = float(losses[best]), z[best].copy()
+        return {"generation": state.generation, "layer": 0, "api_calls": state.api_calls,
+                "population_mean_loss": float(np.mean(losses)), "population_best_loss": float(losses[best]),
+                "best_train_loss": state.best_train_loss, "injected": len(injected),
+                "injected_won": bool(best >= len(asked) and len(injected) > 0), "rho": state.rho,
+                "student_loss": out["train_loss"], "student_wait_s": round(state.wait_s, 4),
+                "train_accuracy_of_best": float(accuracy(logits[best], self.data.train.labels))}
+
+    def generation_calls(self, state: GDFOState) -> int:
+        if self.cfg.variant == "gradient" and state.path is not None:
+            return self.cfg.grad_steps  # the student's path is the population
+        return self.cfg.popsize
+
+    def summary(self, state: GDFOState) -> dict:
+        recent = state.rhos[-10:]
+        return {"variant": self.cfg.variant, "student_agreement_last10": float(np.mean(recent)) if recent else None,
+                "student_agreement_mean": float(np.mean(state.rhos)) if state.rhos else None,
+                "injected_points": state.injected, "generations_won_by_gradient_points": state.injected_won,
+                "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
+                "teacher_time_s": state.teacher_s}
+
+
+class _Inline:
+    """The student in this process, behind the same `.method.remote(...)` calls as an actor."""
+
+    def __init__(self, worker):
+        self._worker = worker
+
+    def __getattr__(self, name):
+        return _Call(getattr(self._worker, name))
+
+
+class _Call:
+    def __init__(self, method):
+        self.remote = method
