@@ -52,8 +52,10 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (ties broken by order: losses are continuous)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    """Spearman rank correlation with average ranks for ties; 0 when either side is constant."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
     if np.std(ra) == 0 or np.std(rb) == 0:
         return 0.0
     return float(np.corrcoef(ra, rb)[0, 1])
