@@ -50,17 +50,18 @@ class PretrainConfig:
     large_layers: int = field(4, "decoder layers of the large LM")
     large_heads: int = field(4, "attention heads of the large LM")
     large_ffn: int = field(512, "MLP intermediate size of the large LM")
-    large_steps: int = field(480, "AdamW steps for the large LM")
-    large_lr: float = field(2e-3, "peak learning rate of the large LM")
+    large_steps: int = field(1000, "AdamW steps for the large LM")
+    large_lr: float = field(3e-3, "peak learning rate of the large LM")
     small_width: int = field(32, "hidden size of the small LM")
     small_layers: int = field(2, "decoder layers of the small LM")
     small_heads: int = field(2, "attention heads of the small LM")
     small_ffn: int = field(64, "MLP intermediate size of the small LM")
-    small_steps: int = field(400, "AdamW steps for the small LM")
+    small_steps: int = field(600, "AdamW steps for the small LM")
     small_lr: float = field(5e-3, "peak learning rate of the small LM")
     warmup: float = field(0.05, "fraction of the steps with a linear learning-rate warm-up")
     weight_decay: float = field(0.1, "AdamW weight decay")
     eval_blocks: int = field(64, "sequences of train and of held-out text the final losses average over")
+    bf16: bool = field(True, "bf16 autocast for the matmuls (about 2x faster on CPUs with bf16 units); weights stay fp32")
     threads: int = field(0, "torch CPU threads (0: torch's default); results are reproducible per count")
 
     def __post_init__(self):
@@ -144,7 +145,7 @@ def _lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
 
 
 def train_lm(model, blocks: np.ndarray, steps: int, batch_size: int, lr: float, warmup: float,
-             weight_decay: float, seed: int, desc: str) -> list[float]:
+             weight_decay: float, seed: int, desc: str, bf16: bool = False) -> list[float]:
     """Next-token training with AdamW on random batches of `blocks` (N, T); returns the step losses.
 
     Batches walk through seeded permutations of the rows (reshuffled each epoch), so the data order
@@ -161,7 +162,8 @@ def train_lm(model, blocks: np.ndarray, steps: int, batch_size: int, lr: float, 
         pos += batch_size
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -248,7 +250,7 @@ def build_default_models(cfg: PretrainConfig, command: str = "") -> dict[str, Pa
             t0 = time.time()
             losses = train_lm(model, blocks, getattr(cfg, f"{name}_steps"), cfg.batch_size,
                               getattr(cfg, f"{name}_lr"), cfg.warmup, cfg.weight_decay,
-                              cfg.seed * 1000 + 10 + i, desc=f"pretrain {name}")
+                              cfg.seed * 1000 + 10 + i, desc=f"pretrain {name}", bf16=cfg.bf16)
             recipe = {
                 "command": command, "config": to_dict(cfg), "model": name,
                 "parameters": sum(p.numel() for p in model.parameters()),

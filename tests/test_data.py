@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydapt.data.corpus import HELD_OUT_SUITES, is_held_out
+from raydapt.data.corpus import HELD_OUT_PERCENT, discover_files, is_held_out
 from raydapt.data.tasks import encode_examples, few_shot, label_token_ids, load_task_file
 from raydapt.errors import UserError
 from raydapt.pretrain import EOS, train_tokenizer
@@ -118,7 +118,17 @@ def test_label_token_ids(tokenizer):
         label_token_ids(tokenizer, [" email", " zebra"])
 
 
-def test_held_out_split_is_by_path():
-    assert all(is_held_out(s + "x.py") or s.endswith(".py") for s in HELD_OUT_SUITES)
-    assert is_held_out("test/test_email/test_email.py") and is_held_out("test/test_socket.py")
-    assert is_held_out("json/decoder.py") == is_held_out("json/decoder.py")
+def test_held_out_split_is_by_path_and_about_the_stated_share():
+    files = discover_files()
+    held = [f for f in files if is_held_out(f)]
+    assert abs(len(held) / len(files) - HELD_OUT_PERCENT / 100) < 0.05
+    assert [is_held_out(f) for f in files] == [is_held_out(f) for f in files]
+    assert not any(part in ("site-packages", "__pycache__") for f in files for part in f.split("/"))
+
+
+def test_try_blocks_take_the_first_handler():
+    from raydapt.data.make_default_task import try_blocks
+
+    source = ("def f(p):\n    try:\n        fd = open(p)\n\n        x = 1\n    except OSError as e:\n"
+              "        pass\n    except ValueError:\n        pass\n    try:\n        g()\n    except:\n        pass\n")
+    assert try_blocks(source) == [("try:\n    fd = open(p)\n\n    x = 1", "OSError")]
