@@ -111,7 +111,7 @@ class RayPool:
                 actor_cls.options(
                     num_cpus=spec.cpus_per_stage, num_gpus=spec.gpus_per_stage, name=None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-                ).remote(model_dir, spec.stages, s, spec.dtype, device, threads)
+                ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r)
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])

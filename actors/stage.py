@@ -7,6 +7,7 @@ through Ray's object store); only the last stage's answers leave the pipeline.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import numpy as np
@@ -24,7 +25,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 class StageWorker:
     def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
-                 device: str = "cpu", threads: int | None = None):
+                 device: str = "cpu", threads: int | None = None, replica: int | None = None):
         if threads:
             # Same thread count for every stage whatever S and R are: results stay bitwise equal.
             torch.set_num_threads(threads)
@@ -34,6 +35,10 @@ class StageWorker:
         self.dtype = DTYPES[dtype]
         self.shard = load_shard(model_dir, n_stages, stage, dtype=dtype, device=device)
         self.stage = stage
+        self.metrics = None
+        if replica is not None:  # a Ray actor: export raydapt_stage_* metrics
+            from actors.metrics import StageMetrics
+            self.metrics = StageMetrics(stage, replica)
 
     def describe(self) -> dict:
         """Where this stage sits and how big it is (sizes only, never weights)."""
@@ -45,9 +50,17 @@ class StageWorker:
     def ready(self) -> bool:
         return True
 
-    @torch.inference_mode()
     def forward(self, mb: dict, hidden: np.ndarray | None, prompts: np.ndarray | None):
         """Run one micro-batch: returns hidden states (M,T,D) or, on the last stage, the answers."""
+        began = time.perf_counter()
+        out = self._forward(mb, hidden, prompts)
+        if self.metrics is not None:
+            rows, width = mb["input_ids"].shape
+            self.metrics.record(rows, rows * width, time.perf_counter() - began)
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, mb: dict, hidden: np.ndarray | None, prompts: np.ndarray | None):
         shard = self.shard
         rows = mb.get("prompt_index")
         mode = mb.get("mode", "add")

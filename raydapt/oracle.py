@@ -9,6 +9,7 @@ shapes whatever the number of replicas or stages, and results do not depend on e
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -107,6 +108,7 @@ class ShardedOracle:
     micro_batch_size: int = 32
     budget: Budget = field(default_factory=Budget)
     usage: Usage = field(default_factory=Usage)
+    reporter: Any = None  # optional: .request(cost: Usage, seconds) after every request (metrics)
 
     @property
     def info(self) -> ModelInfo:
@@ -122,6 +124,7 @@ class ShardedOracle:
                     f"oracle budget exceeded: this request needs {getattr(cost, name)} {name}, "
                     f"{getattr(self.usage, name)} of {limit} are used ({limit - getattr(self.usage, name)} left)")
         self.usage = after
+        self._pending = cost
 
     # --- protocol ----------------------------------------------------------------------------
     def label_logits(self, input_ids, lengths, label_ids, prompts=None, mode="add", offset=0) -> np.ndarray:
@@ -172,14 +175,18 @@ class ShardedOracle:
         input_ids, lengths = _check_batch(input_ids, lengths, self.info)
         self._charge(Usage(calls=1, examples=len(lengths), tokens=int(lengths.sum()), requests=1))
         mb = {"kind": "statistics", "input_ids": input_ids[:, : int(lengths.max())], "lengths": lengths}
-        return self.pool.gather([self.pool.submit(0, mb, None)])[0]
+        return self._run([mb], None)[0]
 
     # --- execution ---------------------------------------------------------------------------
     def _run(self, batches: list[dict], prompts: np.ndarray | None) -> list:
         """Micro-batch i goes to replica i mod R; all are in flight at once (pipelined)."""
+        began = time.perf_counter()
         shared = None if prompts is None else self.pool.put(prompts)
         handles = [self.pool.submit(i % self.pool.n_replicas, mb, shared) for i, mb in enumerate(batches)]
-        return self.pool.gather(handles)
+        results = self.pool.gather(handles)
+        if self.reporter is not None:
+            self.reporter.request(self._pending, time.perf_counter() - began)
+        return results
 
     def _check_prompts(self, prompts, mode, offset, lengths) -> np.ndarray | None:
         if mode not in PROMPT_MODES:

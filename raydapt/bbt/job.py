@@ -85,8 +85,12 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
     out, resuming = prepare_output_dir(cfg)
     pool = open_pool(spec, cfg.local)
     try:
-        oracle = ShardedOracle(pool, cfg.micro_batch)
-        search = search_cls(cfg, oracle, data, build_space(cfg, oracle, data), out)
+        oracle_metrics, search_metrics = None, None
+        if not cfg.local:  # on Ray: export raydapt_* metrics to the dashboard / Prometheus
+            from actors.metrics import OracleMetrics, SearchMetrics
+            oracle_metrics, search_metrics = OracleMetrics(), SearchMetrics(cfg.method, cfg.budget)
+        oracle = ShardedOracle(pool, cfg.micro_batch, reporter=oracle_metrics)
+        search = search_cls(cfg, oracle, data, build_space(cfg, oracle, data), out, reporter=search_metrics)
         state = search.resume() if resuming else search.fresh_state()
         state = search.run(state)
         best = state.best_z if state.best_z is not None else state.best_train_z

@@ -47,9 +47,10 @@ class PromptSearch:
     """Runs BBT (one prompt at the input) or BBTv2 (a prompt per layer, layer by layer)."""
 
     def __init__(self, cfg, oracle: BlackBoxOracle, data: EncodedTask, space: PromptSpace | DeepPromptSpace,
-                 out_dir: Path, progress: Callable[[str], None] = print):
+                 out_dir: Path, progress: Callable[[str], None] = print, reporter=None):
         self.cfg, self.oracle, self.data, self.space = cfg, oracle, data, space
         self.out_dir, self.progress = Path(out_dir), progress
+        self.reporter = reporter  # optional: .generation(row) after every generation (metrics)
         self.loss_fn = LOSSES[cfg.loss]
         self.deep = cfg.method == "bbtv2"
         self.n_layers = space.n_layers if self.deep else 1
@@ -143,6 +144,8 @@ class PromptSearch:
             append_jsonl(log_path, row)
             state.log_rows += 1
             self.checkpoint(state)
+            if self.reporter is not None:
+                self.reporter.generation(row | {"best_dev_accuracy": state.best_dev_accuracy})
             if state.generation % cfg.log_every == 0 or last:
                 dev = f" | dev acc {row['dev_accuracy']:.3f} (best {state.best_dev_accuracy:.3f})" if "dev_accuracy" in row else ""
                 self.progress(f"gen {state.generation:4d} | calls {state.api_calls:5d}/{cfg.budget} | "

@@ -38,8 +38,8 @@ class GDFOState(SearchState):
 
 
 class GDFOSearch(PromptSearch):
-    def __init__(self, cfg, oracle, data, space, out_dir, progress=print):
-        super().__init__(cfg, oracle, data, space, out_dir, progress)
+    def __init__(self, cfg, oracle, data, space, out_dir, progress=print, reporter=None):
+        super().__init__(cfg, oracle, data, space, out_dir, progress, reporter)
         self.student = self._start_student()
 
     def _start_student(self):

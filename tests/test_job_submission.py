@@ -1,0 +1,119 @@
+"""A real Ray head with token authentication, started in a temporary directory: `ray job submit`
+of jobs/gdfo.py --quick succeeds with the token, is refused without it (HTTP 401), and the head's
+metrics endpoint carries the raydapt_* metrics of the run. The head is stopped at the end, even on
+failure, by ending exactly the processes whose command line names this test's temporary directory:
+no other Ray on the machine is touched."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(temp_dir: str) -> None:
+    """Terminate the processes of our head (and their children) only."""
+    ours = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                ours.append(proc)
+                ours.extend(proc.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for proc in ours:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture()
+def head():
+    temp_dir = tempfile.mkdtemp(prefix="rdpt-head-", dir="/tmp")
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    ports = {"port": free_port(), "dashboard-port": free_port(), "metrics-export-port": free_port()}
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+                        "RAY_metrics_report_interval_ms": "1000"}
+    env.pop("RAY_ADDRESS", None)
+    args = [RAY, "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+    try:
+        subprocess.run(args, env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
+               "metrics": f"http://127.0.0.1:{ports['metrics-export-port']}/metrics", "temp_dir": temp_dir}
+    finally:
+        stop_head(temp_dir)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """{metric name with labels: value} for the raydapt_* series."""
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if "raydapt_" in line and not line.startswith("#")}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_submit_gdfo_with_token_auth(head, tmp_path):
+    out = tmp_path / "gdfo"
+    submit = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--no-wait",
+              "--", "python", "jobs/gdfo.py", "--quick", "--seed", "7", "--output-dir", str(out)]
+    # Without the token: the jobs API answers 401 before anything runs.
+    request = urllib.request.Request(f"{head['dashboard']}/api/jobs/", method="POST",
+                                     data=json.dumps({"entrypoint": "python jobs/gdfo.py --quick"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    # With it: submitted through the CLI, followed until it ends, metrics scraped meanwhile.
+    started = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    job_id = next(w for w in started.stdout.split() if w.startswith("raysubmit_"))
+    status, seen = "", {}
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        seen |= scrape(head["metrics"])
+        status = subprocess.run([RAY, "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
+                                capture_output=True, text=True).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = subprocess.run([RAY, "job", "logs", "--address", head["dashboard"], job_id], env=head["env"],
+                          capture_output=True, text=True).stdout
+    assert "SUCCEEDED" in status, logs[-3000:]
+    seen |= scrape(head["metrics"])
+    result = json.loads((out / "result.json").read_text())
+    assert result["api_calls"] > 0 and result["test_accuracy"] >= 0
+    names = {key.split("{")[0] for key in seen}
+    for name in ("oracle_calls", "oracle_examples", "oracle_tokens", "stage_calls", "stage_rows",
+                 "api_calls_used", "api_budget_left", "best_train_loss", "generation", "student_agreement"):
+        assert any(n.endswith(f"raydapt_{name}") or f"raydapt_{name}_" in n for n in names), (name, sorted(names))
+    used = [v for k, v in seen.items() if "raydapt_api_calls_used" in k]
+    assert max(used) == result["api_calls"]
