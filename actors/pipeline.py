@@ -7,6 +7,7 @@ on micro-batch i+1 while the next works on micro-batch i.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from raydapt.oracle import Budget, ModelInfo, ShardedOracle
 
 from actors.stage import StageWorker
 
-__all__ = ["LocalPool", "RayPool", "PoolSpec", "model_info", "open_pool", "local_oracle", "ray_oracle"]
+__all__ = ["LocalPool", "RayPool", "PoolSpec", "FaultInjection", "model_info", "open_pool", "local_oracle", "ray_oracle"]
 
 
 def model_info(model_dir: str | Path) -> ModelInfo:
@@ -86,10 +87,40 @@ class LocalPool:
         return [[s.describe() for s in self.stages]] * self.n_replicas
 
 
-class RayPool:
-    """R replicas x S stage actors, each replica in its own placement group."""
+@dataclass(frozen=True)
+class FaultInjection:
+    """`kill-stage:after-calls=N[,stage=S][,replica=R]`: kill that stage actor while oracle request
+    N+1 is in flight (its micro-batches submitted), to check that the run survives it unchanged."""
+    after_calls: int
+    stage: int = 0
+    replica: int = 0
 
-    def __init__(self, spec: PoolSpec):
+    @staticmethod
+    def parse(text: str) -> "FaultInjection | None":
+        if not text:
+            return None
+        kind, _, rest = text.partition(":")
+        try:
+            fields = dict(item.split("=", 1) for item in rest.split(",") if item)
+            if kind != "kill-stage" or not set(fields) <= {"after-calls", "stage", "replica"}:
+                raise ValueError
+            return FaultInjection(int(fields["after-calls"]), int(fields.get("stage", 0)),
+                                  int(fields.get("replica", 0)))
+        except (ValueError, KeyError):
+            raise UserError(f"--fault-injection {text!r}: expected kill-stage:after-calls=N[,stage=S][,replica=R]")
+
+
+class RayPool:
+    """R replicas x S stage actors, each replica in its own placement group.
+
+    Stage actors restart after a crash (reloading their shard in __init__); micro-batches that fail
+    because an actor died are re-run by `gather`, and counted. A re-run computes exactly what the
+    first run would have, so a failure never changes a result.
+    """
+
+    MAX_RETRIES = 3
+
+    def __init__(self, spec: PoolSpec, fault: FaultInjection | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -109,12 +140,15 @@ class RayPool:
             self.groups.append(group)
             self.replicas.append([
                 actor_cls.options(
-                    num_cpus=spec.cpus_per_stage, num_gpus=spec.gpus_per_stage, name=None,
+                    num_cpus=spec.cpus_per_stage, num_gpus=spec.gpus_per_stage, max_restarts=-1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
                 ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r)
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])
+        self.fault, self.requests = fault, 0
+        self.restarts, self.retried = 0, 0
+        self._pids = self._stage_pids()
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
@@ -123,10 +157,47 @@ class RayPool:
         hidden = None
         for actor in self.replicas[replica]:
             hidden = actor.forward.remote(micro_batch, hidden, prompts)
-        return hidden
+        return (hidden, replica, micro_batch, prompts)
 
     def gather(self, handles: list) -> list:
-        return self._ray.get(handles)
+        """Results in order; a micro-batch lost to a dead actor is re-run once its replica is back."""
+        self.requests += 1
+        if self.fault and self.requests == self.fault.after_calls + 1:
+            self._ray.kill(self.replicas[self.fault.replica][self.fault.stage], no_restart=False)
+        results = []
+        for ref, replica, micro_batch, prompts in handles:
+            for attempt in range(self.MAX_RETRIES + 1):
+                try:
+                    results.append(self._ray.get(ref))
+                    break
+                except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                    if attempt == self.MAX_RETRIES:
+                        raise
+                    self._wait_for(replica)
+                    self.retried += 1
+                    ref = self.submit(replica, micro_batch, prompts)[0]
+        return results
+
+    def _stage_pids(self) -> dict:
+        return {(r, s): info["pid"] for r, chain in enumerate(self.replicas)
+                for s, info in enumerate(self._ray.get([a.describe.remote() for a in chain]))}
+
+    def _wait_for(self, replica: int) -> None:
+        """Block until every stage of `replica` answers again; count the restarted ones."""
+        for _ in range(600):
+            try:
+                pids = self._stage_pids()
+                break
+            except (self._ray.exceptions.RayActorError, self._ray.exceptions.ActorUnavailableError):
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"replica {replica} did not come back after a stage failure")
+        self.restarts += sum(pids[k] != self._pids[k] for k in pids)
+        self._pids = pids
+
+    def fault_report(self) -> dict:
+        return {"injected": self.fault is not None, "stage_restarts": self.restarts,
+                "retried_micro_batches": self.retried}
 
     def describe(self) -> list[list[dict]]:
         return [self._ray.get([a.describe.remote() for a in chain]) for chain in self.replicas]
@@ -140,13 +211,15 @@ class RayPool:
             remove_placement_group(group)
 
 
-def open_pool(spec: PoolSpec, local: bool) -> LocalPool | RayPool:
+def open_pool(spec: PoolSpec, local: bool, fault: FaultInjection | None = None) -> LocalPool | RayPool:
     """In-process stages, or stage actors on the Ray cluster (started locally if none is running)."""
     if local:
+        if fault:
+            raise UserError("--fault-injection kills a stage actor: it needs Ray (drop --local)")
         return LocalPool(spec)
     from actors.cluster import init_ray
     init_ray()
-    return RayPool(spec)
+    return RayPool(spec, fault)
 
 
 def local_oracle(model_dir: str | Path, stages: int = 1, micro_batch_size: int = 32,

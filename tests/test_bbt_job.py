@@ -33,12 +33,16 @@ def metrics(out: Path) -> dict:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_same_result_on_1x1_and_2x2(tmp_path):
-    one, four = tmp_path / "r1s1", tmp_path / "r2s2"
+def test_same_result_on_1x1_2x2_and_with_a_stage_killed(tmp_path):
+    one, four, killed = tmp_path / "r1s1", tmp_path / "r2s2", tmp_path / "killed"
     run_job(*SMALL, "--replicas", 1, "--stages", 1, "--output-dir", one)
     run_job(*SMALL, "--replicas", 2, "--stages", 2, "--output-dir", four)
-    assert (one / "best_prompt.safetensors").read_bytes() == (four / "best_prompt.safetensors").read_bytes()
-    assert metrics(one) == metrics(four)
+    run_job(*SMALL, "--stages", 2, "--fault-injection", "kill-stage:after-calls=3,stage=1", "--output-dir", killed)
+    for other in (four, killed):
+        assert (one / "best_prompt.safetensors").read_bytes() == (other / "best_prompt.safetensors").read_bytes()
+        assert metrics(one) == metrics(other)
+    report = json.loads((killed / "result.json").read_text())["fault_tolerance"]
+    assert report["injected"] and report["stage_restarts"] == 1 and report["retried_micro_batches"] >= 1
     for name in ("log.jsonl", "curve.png", "config.json", "checkpoint.pkl"):
         assert (one / name).exists()
 

@@ -10,7 +10,7 @@ __all__ = ["BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
 # Fields that change where and how fast a run executes, never its numbers: a resumed run may
 # change them (e.g. resume a 1x1 run on 2 replicas x 2 stages).
 RESULT_NEUTRAL_FIELDS = ("resume", "output_dir", "replicas", "stages", "cpus_per_stage", "gpus_per_stage",
-                         "local", "log_every", "placement")
+                         "local", "log_every", "placement", "fault_injection")
 
 
 @dataclass
@@ -49,6 +49,8 @@ class BBTConfig:
                            choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     micro_batch: int = field(32, "rows per micro-batch (fixed: results do not depend on replicas/stages)")
     local: bool = field(False, "serve the model in this process instead of Ray actors")
+    fault_injection: str = field("", "kill-stage:after-calls=N[,stage=S][,replica=R]: kill a stage actor "
+                                 "mid-run to check that the run survives it with the same result")
     output_dir: str = field("runs/bbt", "where result.json, the prompt, the log and the checkpoint go")
     resume: bool = field(False, "continue the run in --output-dir from its last checkpoint")
     log_every: int = field(5, "print a progress line every this many generations")

@@ -69,7 +69,7 @@ def _encode(cfg, info) -> EncodedTask:
 
 def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
     """Run (or resume) a search job end to end and return result.json's content."""
-    from actors.pipeline import PoolSpec, model_info, open_pool
+    from actors.pipeline import FaultInjection, PoolSpec, model_info, open_pool
     from raydapt.defaults import default_model_dir
     from raydapt.oracle import ShardedOracle
     from raydapt.search.optimizers import make_optimizer
@@ -81,9 +81,10 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
     spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,
                     strategy=cfg.placement)
     spec.validate()
+    fault = FaultInjection.parse(cfg.fault_injection)
     data = _encode(cfg, model_info(cfg.model))
     out, resuming = prepare_output_dir(cfg)
-    pool = open_pool(spec, cfg.local)
+    pool = open_pool(spec, cfg.local, fault)
     try:
         oracle_metrics, search_metrics = None, None
         if not cfg.local:  # on Ray: export raydapt_* metrics to the dashboard / Prometheus
@@ -111,6 +112,8 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
             "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg),
         }
         result |= (extra_result(search, state) if extra_result else {})
+        if hasattr(pool, "fault_report"):
+            result["fault_tolerance"] = pool.fault_report()
         plot_curves(out / "curve.png", {cfg.method.upper(): read_jsonl(out / "log.jsonl")},
                     f"{cfg.method} / {cfg.optimizer}, seed {cfg.seed}")
         write_json(out / "result.json", result)
