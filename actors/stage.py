@@ -23,6 +23,11 @@ __all__ = ["StageWorker"]
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+def _node_id() -> str | None:
+    import ray
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class StageWorker:
     def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
                  device: str = "cpu", threads: int | None = None, replica: int | None = None):
@@ -45,7 +50,7 @@ class StageWorker:
         block_params = sum(p.numel() for p in self.shard.blocks.parameters())
         return {"stage": self.stage, "layers": [self.shard.layers.start, self.shard.layers.stop],
                 "block_params": block_params, "params": sum(p.numel() for p in self.shard.parameters()),
-                "pid": os.getpid(), "device": str(self.device)}
+                "pid": os.getpid(), "device": str(self.device), "node": _node_id()}
 
     def ready(self) -> bool:
         return True
