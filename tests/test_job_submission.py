@@ -6,67 +6,23 @@ no other Ray on the machine is touched."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests.heads import RAY, ray_head
+
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_head(temp_dir: str) -> None:
-    """Terminate the processes of our head (and their children) only."""
-    ours = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
-                ours.append(proc)
-                ours.extend(proc.children(recursive=True))
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for proc in ours:
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(ours, timeout=10)
-    for proc in alive:
-        proc.kill()
 
 
 @pytest.fixture()
 def head():
-    temp_dir = tempfile.mkdtemp(prefix="rdpt-head-", dir="/tmp")
-    token_path = Path(temp_dir) / "auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    ports = {"port": free_port(), "dashboard-port": free_port(), "metrics-export-port": free_port()}
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
-                        "RAY_metrics_report_interval_ms": "1000"}
-    env.pop("RAY_ADDRESS", None)
-    args = [RAY, "start", "--head", f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
-    try:
-        subprocess.run(args, env=env, check=True, capture_output=True, text=True, timeout=180)
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
-               "metrics": f"http://127.0.0.1:{ports['metrics-export-port']}/metrics", "temp_dir": temp_dir}
-    finally:
-        stop_head(temp_dir)
+    with ray_head() as h:
+        yield h
 
 
 def scrape(url: str) -> dict[str, float]:
