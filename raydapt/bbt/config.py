@@ -20,10 +20,11 @@ class BBTConfig:
                         "searched layer by layer", choices=("bbt", "bbtv2"))
     optimizer: str = field("cma", "cma (pycma) or any nevergrad optimizer name (CMA, NGOpt, TwoPointsDE, "
                            "OnePlusOne, ...)")
-    budget: int = field(8000, "API calls for the search; one call = one candidate on the whole train set")
+    budget: int = field(2000, "API calls for the search; one call = one candidate on the whole train set "
+                        "(the paper: 8000, see configs/paper.yaml)")
     popsize: int = field(20, "candidates per generation")
-    intrinsic_dim: int = field(500, "d: dimension of the searched z (prompt = A z + p0)")
-    prompt_length: int = field(50, "L: prompt tokens")
+    intrinsic_dim: int = field(100, "d: dimension of the searched z (prompt = A z + p0); the paper: 500")
+    prompt_length: int = field(10, "L: prompt tokens; the paper: 50")
     sigma: float = field(1.0, "initial step size of the search (z starts at 0)")
     alpha: float = field(1.0, "scale of A: std = alpha * std(embeddings) / (sqrt(d) * sigma)")
     projection: str = field("normal", "distribution of A", choices=("normal", "uniform"))

@@ -34,7 +34,7 @@ class GDFOConfig(BBTConfig):
     trust: str = field("adaptive", "how many to inject: adaptive = max_inject * max(0, Spearman rho of the "
                        "student's forecast vs the teacher's losses on the last generation); always; never",
                        choices=("adaptive", "always", "never"))
-    baseline: str = field("none", "also run BBT with the same seed and budget first, and compare",
+    baseline: str = field("bbt", "also run BBT with the same seed and budget first, and compare",
                           choices=("bbt", "none"))
 
     def __post_init__(self):

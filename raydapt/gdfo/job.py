@@ -40,7 +40,8 @@ def calls_to_reach(log: list[dict], target: float) -> int | None:
 
 def _gdfo_result(search: GDFOSearch, state) -> dict:
     search._get(search._call("save", str(search.out_dir / "student")))
-    return search.summary(state)
+    method = "gdfo" if search.cfg.variant == "gdfo" else "gdfo-gradient-only"
+    return {"method": method} | search.summary(state)
 
 
 def run_gdfo_job(cfg) -> dict:

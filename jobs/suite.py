@@ -1,0 +1,69 @@
+"""Run the method comparison behind RESULTS.md, then regenerate RESULTS.md from the result files.
+
+    python jobs/suite.py [--preset quick|default] [--seeds 1,2,3] [--output-dir results] [--local]
+
+Each run writes its own directory under --output-dir; runs already finished (result.json present)
+are kept, so an interrupted suite continues where it stopped. RESULTS.md is then written by
+`raydapt.results` from the result.json files: no number is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from raydapt.errors import exit_on_user_error
+
+RUNS = {  # name: (job, extra flags)
+    "bbt-cma": ("bbt", []),
+    "bbt-ng-CMA": ("bbt", ["--optimizer", "CMA"]),
+    "bbt-ng-TwoPointsDE": ("bbt", ["--optimizer", "TwoPointsDE"]),
+    "bbt-ng-OnePlusOne": ("bbt", ["--optimizer", "OnePlusOne"]),
+    "bbtv2-cma": ("bbt", ["--method", "bbtv2"]),
+    "gdfo": ("gdfo", ["--baseline", "none"]),  # BBT runs once, as bbt-cma, with the same seed
+    "gdfo-gradient-only": ("gdfo", ["--baseline", "none", "--variant", "gradient"]),
+    "gradient-white-box": ("prompt_tuning", []),
+}
+
+
+def run(job: str, argv: list[str]) -> None:
+    if job == "bbt":
+        from jobs.bbt import main
+    elif job == "gdfo":
+        from jobs.gdfo import main
+    else:
+        from jobs.prompt_tuning import main
+    main(argv)
+
+
+@exit_on_user_error
+def suite(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("quick", "default"), default="quick")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--output-dir", type=Path, default=Path("results"))
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    parser.add_argument("--local", action="store_true", help="stages in this process instead of Ray actors")
+    args = parser.parse_args(argv)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.runs.split(","):
+            job, flags = RUNS[name]
+            out = args.output_dir / args.preset / f"{name}-seed{seed}"
+            if (out / "result.json").exists():
+                continue
+            common = ["--seed", str(seed), "--output-dir", str(out)]
+            if job == "prompt_tuning":
+                from raydapt.bbt.config import QUICK
+                quick = (["--prompt-length", str(QUICK["prompt_length"]), "--k-shot", str(QUICK["k_shot"])]
+                         if args.preset == "quick" else [])
+                run(job, [*common, *quick, *flags])
+                continue
+            preset = ["--quick"] if args.preset == "quick" else []
+            local = ["--local"] if args.local else []
+            resume = ["--resume"] if (out / "config.json").exists() else []
+            run(job, [*preset, *common, *local, *resume, *flags])
+    from raydapt.results import main as write_results
+    write_results(["--runs", str(args.output_dir), "--output", "RESULTS.md"])
+
+
+if __name__ == "__main__":
+    suite()
