@@ -96,6 +96,41 @@ def render(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def readme_block(results: list[dict]) -> str:
+    """The headline numbers for the README: manual vs. tuned prompts on the default task."""
+    rows = defaultdict(list)
+    for r in results:
+        rows[(r["_preset"], r["_name"])].append(r)
+    lines = []
+    for preset in sorted({r["_preset"] for r in results}):
+        picked = {name: rs for (p, name), rs in rows.items() if p == preset}
+        if not picked:
+            continue
+        any_run = next(iter(picked.values()))
+        manual = _mean_std([r["manual_prompt_test_accuracy"] for r in any_run if "manual_prompt_test_accuracy" in r])
+        lines.append(f"Default task, `{preset}` preset, test accuracy in % (mean ± std over {len(any_run)} seeds), "
+                     f"hand-written prompt: {manual}")
+        for name, label in (("gradient-white-box", "prompt tuned by gradients through the white box"),
+                            ("bbt-cma", "BBT (pycma)"), ("gdfo", "GDFO")):
+            if name in picked:
+                lines.append(f"- {label}: {_mean_std([r['test_accuracy'] for r in picked[name]])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> None:
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    if README_BEGIN in text and README_END in text:
+        head, rest = text.split(README_BEGIN, 1)
+        tail = rest.split(README_END, 1)[1]
+        readme.write_text(f"{head}{README_BEGIN}\n{block}{README_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("results"), help="directory searched for result.json files")
@@ -105,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     if not results:
         raise SystemExit(f"error: no result.json under {args.runs}")
     args.output.write_text(render(results))
-    print(f"wrote {args.output} from {len(results)} runs")
+    update_readme(args.output.with_name("README.md"), readme_block(results))
+    print(f"wrote {args.output} (and README.md's results block) from {len(results)} runs")
 
 
 if __name__ == "__main__":
