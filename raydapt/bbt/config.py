@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from raydapt.config import check, field
 
-__all__ = ["BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
+__all__ = ["TaskConfig", "BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
 
 # Fields that change where and how fast a run executes, never its numbers: a resumed run may
 # change them (e.g. resume a 1x1 run on 2 replicas x 2 stages).
@@ -14,7 +14,27 @@ RESULT_NEUTRAL_FIELDS = ("resume", "output_dir", "replicas", "stages", "cpus_per
 
 
 @dataclass
-class BBTConfig:
+class TaskConfig:
+    """The few-shot task and the model it is posed to: fields every prompt-tuning job shares."""
+    seed: int = field(42, "master seed: few-shot sample, projection A, optimizer")
+    model: str = field("", "checkpoint dir of the black-box LM (default: the built large LM)")
+    task: str = field("", "task file (.csv/.jsonl/.parquet with text and label columns); default: the "
+                      "built-in task")
+    test_file: str = field("", "test file for --task (default: the task file's examples not sampled)")
+    template: str = field("{text}", "template for --task; {text} is replaced by the input")
+    verbalizer: str = field("", "comma-separated label words for --task, one single token each, in label order")
+    text_column: str = field("text", "text column of --task")
+    label_column: str = field("label", "label column of --task")
+    k_shot: int = field(16, "train examples per class (and as many more for dev)")
+
+    def __post_init__(self):
+        check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")
+        check(bool(self.task) or not self.test_file, "test_file", "needs --task")
+        check(not self.task or bool(self.verbalizer), "verbalizer", "is required with --task")
+
+
+@dataclass
+class BBTConfig(TaskConfig):
     """Black-box tuning of a continuous prompt: CMA-ES / nevergrad in a random subspace (BBT, BBTv2)."""
     method: str = field("bbt", "bbt: one prompt at the input; bbtv2: a prompt at every layer, "
                         "searched layer by layer", choices=("bbt", "bbtv2"))
@@ -31,17 +51,7 @@ class BBTConfig:
     mode: str = field("add", "add: A z is added to L placeholder embeddings (p0); cat: A z is inserted "
                       "before the text (p0 = 0)", choices=("add", "cat"))
     loss: str = field("ce", "search objective on the label-word logits", choices=("ce", "hinge"))
-    k_shot: int = field(16, "train examples per class (and as many more for dev)")
     dev_every: int = field(100, "score the best prompt on dev every this many API calls")
-    seed: int = field(42, "master seed: few-shot sample, projection A, optimizer")
-    model: str = field("", "checkpoint dir of the black-box LM (default: the built large LM)")
-    task: str = field("", "task file (.csv/.jsonl/.parquet with text and label columns); default: the "
-                      "built-in task")
-    test_file: str = field("", "test file for --task (default: the task file's examples not sampled)")
-    template: str = field("{text}", "template for --task; {text} is replaced by the input")
-    verbalizer: str = field("", "comma-separated label words for --task, one single token each, in label order")
-    text_column: str = field("text", "text column of --task")
-    label_column: str = field("label", "label column of --task")
     replicas: int = field(1, "oracle pipeline replicas")
     stages: int = field(1, "pipeline stages per replica")
     cpus_per_stage: float = field(1.0, "CPUs per stage actor")
@@ -57,20 +67,18 @@ class BBTConfig:
     log_every: int = field(5, "print a progress line every this many generations")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.popsize >= 2, "popsize", f"must be >= 2, got {self.popsize}")
         check(self.intrinsic_dim >= 1, "intrinsic_dim", f"must be >= 1, got {self.intrinsic_dim}")
         check(self.prompt_length >= 1, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         check(self.budget >= self.popsize, "budget",
               f"{self.budget} is smaller than one population (--popsize {self.popsize})")
         check(self.sigma > 0, "sigma", f"must be > 0, got {self.sigma}")
-        check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")
         check(self.dev_every >= 1, "dev_every", f"must be >= 1, got {self.dev_every}")
         check(self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
         check(self.stages >= 1, "stages", f"must be >= 1, got {self.stages}")
         check(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
         check(self.seed != 0, "seed", "must be non-zero (pycma reads 0 as 'seed from the clock')")
-        check(bool(self.task) or not self.test_file, "test_file", "needs --task")
-        check(not self.task or bool(self.verbalizer), "verbalizer", "is required with --task")
 
 
 # A small preset that finishes in under 3 minutes on 2 cores, Ray start-up included.

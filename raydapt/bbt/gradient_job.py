@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raydapt.bbt.config import TaskConfig
 from raydapt.bbt.inputs import encode_task, load_configured_task
 from raydapt.bbt.losses import accuracy
 from raydapt.config import check, field, to_dict
@@ -23,25 +24,15 @@ __all__ = ["GradientConfig", "run_gradient_job"]
 
 
 @dataclass
-class GradientConfig:
+class GradientConfig(TaskConfig):
     """Gradient prompt tuning on the white-box large LM (the upper reference for BBT)."""
     prompt_length: int = field(10, "L: prompt tokens (placeholder slots, as BBT's add mode)")
     steps: int = field(200, "Adam steps on the few-shot train set")
     lr: float = field(0.01, "Adam learning rate")
-    k_shot: int = field(16, "train examples per class (dev: as many more)")
-    seed: int = field(42, "few-shot sample and mini-batch order")
-    model: str = field("", "checkpoint dir (default: the built large LM)")
-    task: str = field("", "task file; default: the built-in task")
-    test_file: str = field("", "test file for --task")
-    template: str = field("{text}", "template for --task")
-    verbalizer: str = field("", "comma-separated label words for --task")
-    text_column: str = field("text", "text column of --task")
-    label_column: str = field("label", "label column of --task")
     output_dir: str = field("runs/gradient", "where result.json and the prompt go")
 
-    mode = "add"  # the slots BBT's add mode uses; not a field
-
     def __post_init__(self):
+        super().__post_init__()
         check(self.prompt_length >= 1, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -34,6 +34,7 @@ class GDFOConfig(BBTConfig):
     trust: str = field("adaptive", "how many to inject: adaptive = max_inject * max(0, Spearman rho of the "
                        "student's forecast vs the teacher's losses on the last generation); always; never",
                        choices=("adaptive", "always", "never"))
+    output_dir: str = field("runs/gdfo", "where result.json, the prompt, the student, the log and the checkpoint go")
     baseline: str = field("bbt", "also run BBT with the same seed and budget first, and compare",
                           choices=("bbt", "none"))
 

@@ -144,7 +144,9 @@ class GDFOSearch(PromptSearch):
                 "student_agreement_mean": float(np.mean(state.rhos)) if state.rhos else None,
                 "injected_points": state.injected, "generations_won_by_gradient_points": state.injected_won,
                 "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
-                "teacher_time_s": state.teacher_s}
+                "teacher_time_s": state.teacher_s,
+                # What the student's process holds: its own tensors only (an audit of the boundary).
+                "student_process": self._get(self._call("tensor_shapes"))}
 
 
 class _Inline:
