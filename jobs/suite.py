@@ -53,8 +53,8 @@ def suite(argv: list[str] | None = None) -> None:
             common = ["--seed", str(seed), "--output-dir", str(out)]
             if job == "prompt_tuning":
                 from raydapt.bbt.config import QUICK
-                quick = (["--prompt-length", str(QUICK["prompt_length"]), "--k-shot", str(QUICK["k_shot"])]
-                         if args.preset == "quick" else [])
+                quick = (["--prompt-length", str(QUICK["prompt_length"]), "--k-shot", str(QUICK["k_shot"]),
+                          "--steps", "100"] if args.preset == "quick" else [])
                 run(job, [*common, *quick, *flags])
                 continue
             preset = ["--quick"] if args.preset == "quick" else []

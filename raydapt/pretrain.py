@@ -62,7 +62,8 @@ class PretrainConfig:
     weight_decay: float = field(0.1, "AdamW weight decay")
     eval_blocks: int = field(64, "sequences of train and of held-out text the final losses average over")
     bf16: bool = field(True, "bf16 autocast for the matmuls (about 2x faster on CPUs with bf16 units); weights stay fp32")
-    threads: int = field(0, "torch CPU threads (0: torch's default); results are reproducible per count")
+    threads: int = field(2, "torch CPU threads (0: torch's default). Kernels may split work differently per "
+                            "count, so byte-identical results need the same count; fixed so that the core count does not matter")
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "batch_size", "large_width", "large_layers", "large_heads",
