@@ -76,7 +76,8 @@ class PretrainConfig:
             width, heads = getattr(self, f"{size}_width"), getattr(self, f"{size}_heads")
             check(width % heads == 0 and (width // heads) % 2 == 0, f"{size}_heads",
                   f"must divide {size}_width={width} into heads of even size, got {heads}")
-        check(self.large_lr > 0 and self.small_lr > 0, "large_lr", "learning rates must be positive")
+        for name in ("large_lr", "small_lr"):
+            check(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         check(0 <= self.warmup < 1, "warmup", f"must be in [0, 1), got {self.warmup}")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.tokenizer_bytes >= 0, "tokenizer_bytes", "must be >= 0")
