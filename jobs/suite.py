@@ -26,13 +26,19 @@ RUNS = {  # name: (job, extra flags)
 
 
 def run(job: str, argv: list[str]) -> None:
+    from raydapt.config import parse_args
+
     if job == "bbt":
-        from jobs.bbt import main
+        from raydapt.bbt.config import QUICK, BBTConfig
+        from raydapt.bbt.job import run_search_job
+        run_search_job(parse_args(BBTConfig, argv, presets={"quick": QUICK}))
     elif job == "gdfo":
-        from jobs.gdfo import main
+        from raydapt.gdfo.config import QUICK, GDFOConfig
+        from raydapt.gdfo.job import run_gdfo_job
+        run_gdfo_job(parse_args(GDFOConfig, argv, presets={"quick": QUICK}))
     else:
-        from jobs.prompt_tuning import main
-    main(argv)
+        from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
+        run_gradient_job(parse_args(GradientConfig, argv))
 
 
 @exit_on_user_error
