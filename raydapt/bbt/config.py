@@ -26,6 +26,7 @@ class TaskConfig:
     text_column: str = field("text", "text column of --task")
     label_column: str = field("label", "label column of --task")
     k_shot: int = field(16, "train examples per class (and as many more for dev)")
+    placeholder: str = field("\n", "the one token whose embedding fills the L prompt slots (BBT's p0)")
 
     def __post_init__(self):
         check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")

@@ -49,7 +49,7 @@ def run_gradient_job(cfg: GradientConfig) -> dict:
     model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     data = encode_task(load_configured_task(cfg), tokenizer, cfg.prompt_length, "add",
-                       model.config.vocab_size, model.config.max_position_embeddings)
+                       model.config.max_position_embeddings, cfg.placeholder)
     prompt = tune_prompt(model, data.train.input_ids, data.train.lengths, data.train.labels, data.label_ids,
                          cfg.prompt_length, cfg.steps, cfg.lr, cfg.seed)
 

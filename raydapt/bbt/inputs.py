@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raydapt.data.tasks import Task, default_task, encode_examples, few_shot, label_token_ids, load_task_file
+from raydapt.errors import UserError
 
 __all__ = ["Split", "EncodedTask", "load_configured_task", "encode_task", "placeholder_ids"]
 
@@ -43,15 +44,18 @@ def load_configured_task(cfg) -> Task:
                 train=train, dev=dev, test=test)
 
 
-def placeholder_ids(vocab_size: int, length: int) -> list[int]:
-    """BBT's p0 slots: L consecutive ordinary vocabulary tokens (the reference code also takes a
-    fixed run of vocabulary ids), away from the special tokens at the start of the vocabulary."""
-    start = min(1000, max(0, vocab_size // 4))
-    return [start + i for i in range(length)]
+def placeholder_ids(tokenizer, placeholder: str, length: int) -> list[int]:
+    """BBT's p0: the L prompt slots hold the embedding of `placeholder`, one token. A token that is
+    natural before the input (a newline before code) starts the search at the hand-written prompt's
+    accuracy; arbitrary vocabulary ids (BBT's reference code) start it below, on a small model."""
+    ids = tokenizer.encode(placeholder, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"--placeholder {placeholder!r} is {len(ids)} tokens; it must be exactly one")
+    return ids * length
 
 
-def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, vocab_size: int,
-                max_length: int) -> EncodedTask:
+def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length: int,
+                placeholder: str = "\n") -> EncodedTask:
     slots = prompt_length if mode == "add" else 0
 
     def encode(split, tokens: int) -> Split:
@@ -59,7 +63,7 @@ def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, vocab_size
                                        placeholder_id=tokenizer.pad_token_id,
                                        max_length=max_length - (prompt_length if mode == "cat" else 0))
         if tokens:
-            ids[:, :tokens] = placeholder_ids(vocab_size, tokens)
+            ids[:, :tokens] = placeholder_ids(tokenizer, placeholder, tokens)
         return Split(ids, lengths, np.asarray(split["label"], dtype=np.int64))
 
     return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),

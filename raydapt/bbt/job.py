@@ -64,7 +64,7 @@ def _encode(cfg, info) -> EncodedTask:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
         raise UserError(f"--model {cfg.model} has no usable tokenizer ({str(e).splitlines()[0]})")
-    return encode_task(task, tokenizer, cfg.prompt_length, cfg.mode, info.vocab_size, info.max_positions)
+    return encode_task(task, tokenizer, cfg.prompt_length, cfg.mode, info.max_positions, cfg.placeholder)
 
 
 def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:

@@ -35,6 +35,8 @@ class GDFOConfig(BBTConfig):
                        "student's forecast vs the teacher's losses on the last generation); always; never",
                        choices=("adaptive", "always", "never"))
     output_dir: str = field("runs/gdfo", "where result.json, the prompt, the student, the log and the checkpoint go")
+    min_trust: float = field(0.2, "inject nothing while rho is below this: a student that ranks the "
+                             "teacher's candidates no better than noise must not spend API calls")
     baseline: str = field("bbt", "also run BBT with the same seed and budget first, and compare",
                           choices=("bbt", "none"))
 
@@ -49,6 +51,7 @@ class GDFOConfig(BBTConfig):
         check(self.student_steps >= 0, "student_steps", f"must be >= 0, got {self.student_steps}")
         check(self.grad_steps >= 1, "grad_steps", f"must be >= 1, got {self.grad_steps}")
         check(0 <= self.max_inject <= self.grad_steps, "max_inject", f"must be in [0, --grad-steps], got {self.max_inject}")
+        check(-1 <= self.min_trust <= 1, "min_trust", f"must be in [-1, 1], got {self.min_trust}")
         check(self.grad_start == "best" or self.optimizer == "cma", "grad_start", "mean needs --optimizer cma")
 
     def student_settings(self) -> StudentSettings:

@@ -87,7 +87,8 @@ class GDFOSearch(PromptSearch):
             return np.zeros((0, cfg.intrinsic_dim))
         if cfg.variant == "gradient":
             return state.path[:room]
-        trust = {"always": 1.0, "never": 0.0}.get(cfg.trust, max(0.0, state.rho or 0.0))
+        rho = state.rho or 0.0
+        trust = {"always": 1.0, "never": 0.0}.get(cfg.trust, rho if rho >= cfg.min_trust else 0.0)
         n = min(int(round(cfg.max_inject * trust)), room)
         return state.path[len(state.path) - n:] if n else np.zeros((0, cfg.intrinsic_dim))
 

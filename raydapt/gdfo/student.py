@@ -127,7 +127,7 @@ class Student:
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         self.model.eval()
         return float(np.mean(losses))
 
