@@ -100,8 +100,12 @@ def test_bad_task_files(tmp_path):
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
+    from raydapt.bbt.config import QUICK, BBTConfig
+    from raydapt.config import parse_args, to_dict
+
     out = tmp_path / "o"
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({"popsize": 99}))
+    saved = to_dict(parse_args(BBTConfig, ["--quick", "--local", "--output-dir", str(out)], presets={"quick": QUICK}))
+    (out / "config.json").write_text(json.dumps(saved | {"popsize": 99}))
     result = run_job("--quick", "--local", "--output-dir", out, "--resume", check=False)
     assert_one_line_error(result, "--resume", "different config", "popsize")
