@@ -7,6 +7,8 @@ on micro-batch i+1 while the next works on micro-batch i.
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +220,10 @@ def open_pool(spec: PoolSpec, local: bool, fault: FaultInjection | None = None) 
             raise UserError("--fault-injection kills a stage actor: it needs Ray (drop --local)")
         return LocalPool(spec)
     from actors.cluster import init_ray
-    init_ray()
+    # A local Ray advertises at least what the pool asks for (+1 for a GDFO student): on a 2-core
+    # laptop, 2 replicas x 2 stages still start; the stages take turns in the pipeline anyway.
+    needed = math.ceil(spec.replicas * spec.stages * spec.cpus_per_stage) + 1
+    init_ray(num_cpus=max(os.cpu_count() or 1, needed))
     return RayPool(spec, fault)
 
 

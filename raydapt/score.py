@@ -121,7 +121,7 @@ def _check_output(path: Path) -> None:
 
 
 def run_score(cfg: ScoreConfig) -> dict:
-    from actors.pipeline import LocalPool, PoolSpec, RayPool, model_info
+    from actors.pipeline import PoolSpec, RayPool, model_info, open_pool
     from raydapt.defaults import default_model_dir
     from raydapt.oracle import ShardedOracle
 
@@ -132,12 +132,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     spec.validate()
     info = model_info(model_dir)
     docs = read_corpus(Path(cfg.input), model_dir, info.max_positions, info.vocab_size)
-    if cfg.local:
-        pool = LocalPool(spec)
-    else:
-        from actors.cluster import init_ray
-        init_ray()
-        pool = RayPool(spec)
+    pool = open_pool(spec, cfg.local)
     oracle = ShardedOracle(pool, cfg.micro_batch)
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     writer = None

@@ -19,7 +19,7 @@ import numpy as np
 from raydapt.bbt.inputs import EncodedTask, Split
 from raydapt.bbt.losses import LOSSES, accuracy
 from raydapt.bbt.space import DeepPromptSpace, PromptSpace
-from raydapt.oracle import BlackBoxOracle
+from raydapt.oracle import BlackBoxOracle, Usage
 from raydapt.outputs import append_jsonl, load_pickle, save_pickle, truncate_jsonl
 from raydapt.search.optimizers import Optimizer, make_optimizer, restore
 
@@ -41,6 +41,7 @@ class SearchState:
     dev_scored_at: int = 0
     log_rows: int = 0
     elapsed_s: float = 0.0
+    oracle_usage: dict | None = None         # what the oracle has served, across resumes
 
 
 class PromptSearch:
@@ -84,11 +85,14 @@ class PromptSearch:
 
     def checkpoint(self, state: SearchState) -> None:
         state.optimizers = [opt.state_bytes() for opt in self.optimizers]
+        state.oracle_usage = self.oracle.usage.as_dict()
         save_pickle(self.out_dir / "checkpoint.pkl", state)
 
     def resume(self) -> SearchState:
         state: SearchState = load_pickle(self.out_dir / "checkpoint.pkl")
         self.optimizers = [restore(data) for data in state.optimizers]
+        if state.oracle_usage is not None:  # a resumed run reports what the whole run was served
+            self.oracle.usage = Usage(**state.oracle_usage)
         truncate_jsonl(self.out_dir / "log.jsonl", state.log_rows)
         return state
 
