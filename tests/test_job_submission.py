@@ -56,8 +56,9 @@ def test_submit_gdfo_with_token_auth(head, tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline:
         seen |= scrape(head["metrics"])
-        status = subprocess.run([RAY, "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
-                                capture_output=True, text=True).stdout
+        done = subprocess.run([RAY, "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
+                              capture_output=True, text=True)
+        status = (done.stdout + done.stderr).upper()  # the CLI reports through its logger, on stderr
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(2)
