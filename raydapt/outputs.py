@@ -66,7 +66,10 @@ def truncate_jsonl(path: Path, rows: int) -> None:
 def save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
     from safetensors.numpy import save
 
-    write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+    # One key holding sorted JSON: safetensors writes several metadata keys in hash-map order, which
+    # changes from process to process, and identical prompts must give identical files.
+    header = {"raydapt": json.dumps(metadata, sort_keys=True)} if metadata else None
+    write_atomic(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header))
 
 
 def _plain(value: Any) -> Any:
