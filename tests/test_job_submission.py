@@ -6,6 +6,7 @@ no other Ray on the machine is touched."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.error
@@ -51,7 +52,7 @@ def test_submit_gdfo_with_token_auth(head, tmp_path):
     # With it: submitted through the CLI, followed until it ends, metrics scraped meanwhile.
     started = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr[-2000:]
-    job_id = next(w for w in started.stdout.split() if w.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", started.stdout).group(0)  # the CLI colours its output
     status, seen = "", {}
     deadline = time.time() + 600
     while time.time() < deadline:
