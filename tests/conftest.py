@@ -55,6 +55,7 @@ def ray_cluster():
 
     # A short path: Ray's Unix sockets live under the temp dir and have a length limit.
     temp_dir = tempfile.mkdtemp(prefix="rdpt-", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR")
+    # Logical CPUs: 3 stages x 2 replicas must fit on a 2-core machine (the stages take turns).
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR")
     yield ray
     ray.shutdown()
