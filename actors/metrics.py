@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from raydapt.oracle import Usage
 
-__all__ = ["StageMetrics", "OracleMetrics", "SearchMetrics"]
+__all__ = ["StageMetrics", "OracleMetrics", "SearchMetrics", "TrainerMetrics"]
 
 LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
@@ -86,3 +86,18 @@ class SearchMetrics:
         for name, value in values.items():
             if value is not None:
                 self.gauges[name].set(float(value), self.tags)
+
+
+class TrainerMetrics:
+    """A Ray Train run (CombLM's expert fine-tuning, reported by rank 0): step and loss."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.step = Gauge("raydapt_trainer_step", "optimizer steps completed", tag_keys=("run",))
+        self.loss = Gauge("raydapt_trainer_loss", "training loss, mean over workers", tag_keys=("run",))
+
+    def record(self, step: int, loss: float) -> None:
+        self.step.set(step, self.tags)
+        self.loss.set(loss, self.tags)

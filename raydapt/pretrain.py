@@ -31,7 +31,7 @@ from raydapt.defaults import raydapt_home
 from raydapt.errors import UserError
 
 __all__ = ["PretrainConfig", "QUICK", "EOS", "PAD", "train_tokenizer", "sample_texts", "pack_blocks",
-           "llama_config", "train_lm", "mean_loss", "install_dir", "build_default_models"]
+           "llama_config", "lr_at", "train_lm", "mean_loss", "install_dir", "build_default_models"]
 
 EOS = "<|endoftext|>"  # separates files in the token stream; also BOS, and BBT's placeholder token
 PAD = "<pad>"  # never trained on: it only fills the right end of batches
@@ -137,7 +137,7 @@ def llama_config(tokenizer, width: int, layers: int, heads: int, ffn: int, conte
                        pad_token_id=tokenizer.pad_token_id, use_cache=False)
 
 
-def _lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
+def lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     n_warm = max(1, int(warmup * steps))
     if step < n_warm:
@@ -163,7 +163,7 @@ def train_lm(model, blocks: np.ndarray, steps: int, batch_size: int, lr: float, 
         x = torch.from_numpy(blocks[order[pos: pos + batch_size]])  # (B, T)
         pos += batch_size
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
+            group["lr"] = lr_at(step, steps, lr, warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)

@@ -24,17 +24,20 @@ from raydapt.outputs import read_json, read_jsonl, save_tensors, write_json
 __all__ = ["prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
 
 
-def prepare_output_dir(cfg) -> tuple[Path, bool]:
-    """Create the output dir, or check that --resume continues a run of the same config."""
+def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint.pkl") -> tuple[Path, bool]:
+    """Create the output dir, or check that --resume continues a run of the same config.
+
+    Returns (dir, resuming): resuming when --resume finds `marker` there (something to continue from).
+    """
     out = Path(cfg.output_dir)
     has_run = (out / "config.json").exists()
     if cfg.resume and has_run:
         saved, now = read_json(out / "config.json"), to_dict(cfg)
-        differs = sorted(k for k in now if k not in RESULT_NEUTRAL_FIELDS and saved.get(k) != now[k])
+        differs = sorted(k for k in now if k not in neutral and saved.get(k) != now[k])
         if differs:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
             raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
-        return out, (out / "checkpoint.pkl").exists()
+        return out, (out / marker).exists()
     if has_run and not cfg.resume:
         raise UserError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
     try:

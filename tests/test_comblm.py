@@ -1,0 +1,160 @@
+"""CombLM: domains and splits, Ray Train fine-tuning that survives a killed worker, the quick job's
+findings, and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raydapt.comblm.domains import build_splits, split_blocks
+from raydapt.defaults import default_model_dir
+from raydapt.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(ROOT / "jobs" / "comblm.py")]
+
+
+def run_job(*args, timeout=900):
+    return subprocess.run([*JOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def split_config(**kw):
+    base = dict(target="", general="", seed=0, block=64, train_tokens=0, fit_tokens=0, test_tokens=2000,
+                fit_mix=0.0, combiner_batch=256)
+    return SimpleNamespace(**(base | kw))
+
+
+def test_split_blocks_are_contiguous_and_cover_every_row():
+    blocks = np.arange(40).reshape(20, 2)
+    parts = split_blocks(blocks, {"a": 0.5, "b": 0.25, "c": 0.25}, "target")
+    assert [len(p) for p in parts.values()] == [10, 5, 5]
+    assert np.array_equal(np.concatenate(list(parts.values())), blocks)
+
+
+def test_default_domains_split_and_the_fit_mix_takes_general_rows():
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir("large"))
+    pure = build_splits(split_config(), tokenizer)
+    mixed = build_splits(split_config(fit_mix=0.5), tokenizer)
+    assert len(pure["fit"]) == len(mixed["fit"]) == len(pure["target_fit"])
+    half = len(pure["fit"]) - round(0.5 * len(pure["fit"]))
+    assert np.array_equal(mixed["fit"][:half], pure["target_fit"][:half])
+    assert np.array_equal(mixed["fit"][half:], pure["general_fit"][: len(pure["fit"]) - half])
+    # The target splits do not share rows (the expert never trains on the fit or test set).
+    seen = {r.tobytes() for r in pure["expert_train"]}
+    assert not any(r.tobytes() in seen for r in pure["target_test"])
+
+
+def test_fit_set_smaller_than_one_batch_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir("large"))
+    (tmp_path / "tiny.txt").write_text("def f():\n    return 1\n" * 80)
+    with pytest.raises(UserError, match="fewer than one combiner batch"):
+        build_splits(split_config(target=str(tmp_path / "tiny.txt"), combiner_batch=1024), tokenizer)
+
+
+def different_tokenizer_model(tmp_path) -> Path:
+    """The default small model with a tokenizer of its own (trained here on a few lines)."""
+    from raydapt.pretrain import train_tokenizer
+    directory = tmp_path / "other"
+    shutil.copytree(default_model_dir("small"), directory)
+    tokenizer = train_tokenizer(["def other(x):\n    return x * 2\n"] * 50, vocab_size=300, context=256)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).unlink(missing_ok=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "empty", "combiner", "small_fit"])
+def test_bad_input_gives_one_clear_line(tmp_path, case):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    small = tmp_path / "small.txt"
+    small.write_text("x = 1\n" * 300)
+    args, fragments = {
+        "tokenizer": (["--expert", different_tokenizer_model(tmp_path)], ["different tokenizer", "one vocabulary"]),
+        "empty": (["--target", empty], ["--target", "holds no text"]),
+        "combiner": (["--combiners", "mean,entropy_scaler"], ["--combiners", "entropy_scaler", "entropy_scalar"]),
+        "small_fit": (["--target", small], ["fewer than one combiner batch"]),
+    }[case]
+    result = run_job("--output-dir", out, *args, timeout=300)
+    assert_one_line_error(result, *fragments)
+    assert not (out / "result.json").exists() and not (out / "expert").exists()
+
+
+def trainer_config(tmp_path, fault=""):
+    return SimpleNamespace(expert_batch=4, expert_steps=6, expert_lr=3e-3, seed=3, checkpoint_every=2,
+                           cpus_per_worker=1.0, workers=2, use_gpu=False, output_dir=str(tmp_path),
+                           fault_injection=fault)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_killed_training_worker_resumes_to_the_same_final_loss(ray_cluster, tiny_checkpoints, tmp_path):
+    from actors.expert_trainer import fine_tune_expert
+    model_dir = str(tiny_checkpoints["llama"][0])
+    blocks = np.random.default_rng(0).integers(0, 128, size=(24, 16)).astype(np.int32)
+    runs = {}
+    for name, fault in (("clean", ""), ("killed", "kill-worker:after-steps=3")):
+        d = tmp_path / name
+        d.mkdir()
+        marker = d / "fault-injected"
+        runs[name] = fine_tune_expert(trainer_config(d, fault), blocks, model_dir, str(d / "train"), str(marker))
+        runs[name]["killed"] = marker.exists()
+    clean, killed = runs["clean"], runs["killed"]
+    assert killed["killed"] and not clean["killed"]
+    assert len(clean["losses"]) == len(killed["losses"]) == 6
+    assert clean["losses"][-1] < clean["losses"][0]
+    np.testing.assert_allclose(killed["losses"], clean["losses"], rtol=0, atol=1e-6)
+    a = load_file(Path(clean["checkpoint"]) / "model.safetensors")
+    b = load_file(Path(killed["checkpoint"]) / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+@pytest.mark.slow
+def test_quick_job_every_learned_combiner_beats_both_models(tmp_path):
+    out = tmp_path / "quick"
+    result = run_job("--quick", "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    ppl = r["perplexity"]
+    keys = {"large", "expert", "expert_untuned", "mean", "constant_scalar", "constant_vector", "entropy_scalar",
+            "entropy_vector", "full_scalar", "full_vector", "proxy_tuning", "max_prob_oracle"}
+    assert keys <= set(ppl) and keys <= set(r["general_perplexity"])
+    best_single = min(ppl["large"], ppl["expert"])
+    learned = keys - {"large", "expert", "expert_untuned", "mean", "proxy_tuning", "max_prob_oracle"}
+    assert all(ppl[k] < best_single for k in learned), ppl
+    assert r["learned_combiners_beat_both_models"]
+    assert all(ppl["max_prob_oracle"] < v for k, v in ppl.items() if k != "max_prob_oracle")
+    # The control: mixing in the un-fine-tuned small model gains little over the large model.
+    assert r["control"]["entropy_scalar"] > 0.95 * ppl["large"]
+    # Expert fine-tuning and black-box scoring overlapped; the combiners were fitted concurrently.
+    phases = r["timeline"]["phases"]
+    train, score = phases["expert_fine_tuning"], phases["large_lm_scoring"]
+    assert score[0] < train[1] and train[0] < score[1]
+    fits = [v for k, v in phases.items() if k.startswith("fit:")]
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(fits) for b in fits[i + 1:])
+    assert (out / "perplexity.png").stat().st_size > 0
+    assert (out / "expert" / "model.safetensors").exists()
+    # --resume on a finished run keeps every phase's output and gives the same numbers.
+    again = run_job("--quick", "--output-dir", out, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["perplexity"] == ppl
