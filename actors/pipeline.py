@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,18 @@ class PoolSpec:
     dtype: str = "float32"
     strategy: str = "PACK"
     threads: int | None = 1
+    # Simulated API latency for benchmarks; 0 in real use. Each replica's first stage sleeps this
+    # long once per micro-batch, the way a remote API adds a fixed delay per call. It only sleeps:
+    # results are identical with or without it. Replicas sleep concurrently (bench/search.py).
+    simulated_latency_ms: float = 0.0
+
+    @property
+    def simulated_latency_s(self) -> float:
+        return self.simulated_latency_ms / 1000.0
 
     def validate(self) -> None:
+        if not self.simulated_latency_ms >= 0:
+            raise UserError(f"simulated latency must be >= 0 ms, got {self.simulated_latency_ms}")
         info = model_info(self.model_dir)
         if self.stages < 1 or self.stages > info.n_layers:
             raise UserError(f"--stages {self.stages}: the model has {info.n_layers} layers, "
@@ -70,7 +81,8 @@ class LocalPool:
         spec.validate()
         self.info = model_info(spec.model_dir)
         self.n_replicas = spec.replicas
-        self.stages = [StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads)
+        self.stages = [StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
+                                   simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
                        for s in range(spec.stages)]  # replicas share one copy: they are identical
 
     def put(self, value: Any) -> Any:
@@ -137,14 +149,16 @@ class RayPool:
         device = "cuda" if spec.gpus_per_stage else "cpu"
         actor_cls = ray.remote(StageWorker)
         self.groups, self.replicas = [], []
+        tag = uuid.uuid4().hex[:8]  # names are cluster-wide: several pools may serve at once
         for r in range(spec.replicas):
-            group = placement_group([bundle] * spec.stages, strategy=spec.strategy, name=f"raydapt-replica-{r}")
+            group = placement_group([bundle] * spec.stages, strategy=spec.strategy, name=f"raydapt-{tag}-replica-{r}")
             self.groups.append(group)
             self.replicas.append([
                 actor_cls.options(
                     num_cpus=spec.cpus_per_stage, num_gpus=spec.gpus_per_stage, max_restarts=-1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-                ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r)
+                ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r,
+                         simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])

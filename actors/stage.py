@@ -30,7 +30,8 @@ def _node_id() -> str | None:
 
 class StageWorker:
     def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
-                 device: str = "cpu", threads: int | None = None, replica: int | None = None):
+                 device: str = "cpu", threads: int | None = None, replica: int | None = None,
+                 simulated_latency_s: float = 0.0):
         if threads:
             # Same thread count for every stage whatever S and R are: results stay bitwise equal.
             torch.set_num_threads(threads)
@@ -40,6 +41,9 @@ class StageWorker:
         self.dtype = DTYPES[dtype]
         self.shard = load_shard(model_dir, n_stages, stage, dtype=dtype, device=device)
         self.stage = stage
+        # Simulated API latency for benchmarks (0 in real use): a sleep before every micro-batch,
+        # outside the timed forward, so it changes no result and no stage metric.
+        self.simulated_latency_s = float(simulated_latency_s)
         self.metrics = None
         if replica is not None:  # a Ray actor: export raydapt_stage_* metrics
             from actors.metrics import StageMetrics
@@ -57,6 +61,8 @@ class StageWorker:
 
     def forward(self, mb: dict, hidden: np.ndarray | None, prompts: np.ndarray | None):
         """Run one micro-batch: returns hidden states (M,T,D) or, on the last stage, the answers."""
+        if self.simulated_latency_s:
+            time.sleep(self.simulated_latency_s)
         began = time.perf_counter()
         out = self._forward(mb, hidden, prompts)
         if self.metrics is not None:

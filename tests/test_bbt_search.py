@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -94,3 +95,13 @@ def test_resumed_search_equals_uninterrupted(tmp_path):
     assert np.array_equal(state.best_z, expected.best_z)
     assert state.best_train_loss == expected.best_train_loss
     assert (tmp_path / "a" / "log.jsonl").read_text().count("\n") == (tmp_path / "b" / "log.jsonl").read_text().count("\n")
+
+
+def test_log_rows_split_time_into_oracle_and_coordinator(tmp_path):
+    s = search(tmp_path, budget=80, dev_every=40)
+    state = s.run(s.fresh_state())
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and all(r["oracle_s"] > 0 and r["coordinator_s"] >= 0 for r in rows)
+    assert state.oracle_s == pytest.approx(sum(r["oracle_s"] for r in rows), abs=1e-5)
+    assert state.coordinator_s == pytest.approx(sum(r["coordinator_s"] for r in rows), abs=1e-5)
+    assert state.oracle_s + state.coordinator_s <= state.elapsed_s + 1e-5

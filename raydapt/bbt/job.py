@@ -112,6 +112,8 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
             "manual_prompt_test_accuracy": float(accuracy(manual_logits, data.test.labels)),
             "n_train": len(data.train.labels), "n_dev": len(data.dev.labels), "n_test": len(data.test.labels),
             "oracle_usage": oracle.usage.as_dict(), "search_time_s": state.elapsed_s,
+            # The search loop's time split: inside oracle requests vs. the coordinator's own work.
+            "search_oracle_s": state.oracle_s, "search_coordinator_s": state.coordinator_s,
             "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg),
         }
         result |= (extra_result(search, state) if extra_result else {})

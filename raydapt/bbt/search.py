@@ -6,6 +6,12 @@ losses back. API calls are counted as BBT counts them: one candidate on the whol
 best prompt by train loss is scored on dev every `dev_every` calls; the best by dev is kept. After
 every generation the whole search state is checkpointed atomically, so a killed run resumes to
 exactly the result of an uninterrupted one. No Ray here: the oracle object is the only way out.
+
+Timing: each log row carries `oracle_s` (seconds inside oracle requests) and `coordinator_s`
+(everything else) for the interval since the previous row was written: one generation's ask,
+scoring, tell and bookkeeping, plus the previous generation's log write, checkpoint, metrics and
+progress line (GDFO: also the wait for its student). The state keeps their totals. Timings are
+measurements: they go to the log, the checkpoint and result.json, never into a compared result.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class SearchState:
     log_rows: int = 0
     elapsed_s: float = 0.0
     oracle_usage: dict | None = None         # what the oracle has served, across resumes
+    oracle_s: float = 0.0                    # seconds inside oracle requests (sum of the log's oracle_s)
+    coordinator_s: float = 0.0               # seconds in the loop outside them (sum of coordinator_s)
 
 
 class PromptSearch:
@@ -56,6 +64,7 @@ class PromptSearch:
         self.deep = cfg.method == "bbtv2"
         self.n_layers = space.n_layers if self.deep else 1
         self.optimizers: list[Optimizer] = []
+        self.oracle_seconds = 0.0  # wall time inside self.score's oracle requests, since construction
 
     # --- prompts -----------------------------------------------------------------------------
     def prompts(self, z: np.ndarray, layer: int = 0, fixed: np.ndarray | None = None) -> np.ndarray:
@@ -70,8 +79,12 @@ class PromptSearch:
 
     def score(self, split: Split, prompts: np.ndarray | None) -> np.ndarray:
         mode = "deep" if self.deep else self.cfg.mode
-        return self.oracle.label_logits(split.input_ids, split.lengths, self.data.label_ids, prompts, mode,
-                                        self.data.prompt_offset)
+        began = time.perf_counter()
+        try:
+            return self.oracle.label_logits(split.input_ids, split.lengths, self.data.label_ids, prompts, mode,
+                                            self.data.prompt_offset)
+        finally:
+            self.oracle_seconds += time.perf_counter() - began
 
     # --- state -------------------------------------------------------------------------------
     def fresh_state(self) -> SearchState:
@@ -138,13 +151,21 @@ class PromptSearch:
         cfg = self.cfg
         log_path = self.out_dir / "log.jsonl"
         started = time.perf_counter() - state.elapsed_s
+        mark, oracle_mark = time.perf_counter(), self.oracle_seconds  # then: the previous row's write
         while state.api_calls + self.generation_calls(state) <= cfg.budget:
             row = self.step(state)
             last = state.api_calls + self.generation_calls(state) > cfg.budget
             if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
                 row |= self.score_dev(state)
-            state.elapsed_s = time.perf_counter() - started
+            now = time.perf_counter()
+            state.elapsed_s = now - started
             row["elapsed_s"] = round(state.elapsed_s, 3)
+            oracle_s = self.oracle_seconds - oracle_mark
+            coordinator_s = max(0.0, now - mark - oracle_s)
+            state.oracle_s += oracle_s
+            state.coordinator_s += coordinator_s
+            row["oracle_s"], row["coordinator_s"] = round(oracle_s, 6), round(coordinator_s, 6)
+            mark, oracle_mark = now, self.oracle_seconds
             append_jsonl(log_path, row)
             state.log_rows += 1
             self.checkpoint(state)
