@@ -22,7 +22,10 @@ RUNS = {  # name: (job, extra flags)
     "gdfo": ("gdfo", ["--baseline", "none"]),  # BBT runs once, as bbt-cma, with the same seed
     "gdfo-gradient-only": ("gdfo", ["--baseline", "none", "--variant", "gradient"]),
     "gradient-white-box": ("prompt_tuning", []),
+    "comblm": ("comblm", []),
+    "comblm-mix50": ("comblm", ["--fit-mix", "0.5"]),
 }
+NEEDS_RAY = ("comblm",)  # Ray Train and Ray tasks: --local does not apply
 
 
 def run(job: str, argv: list[str]) -> None:
@@ -36,6 +39,10 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.gdfo.config import QUICK, GDFOConfig
         from raydapt.gdfo.job import run_gdfo_job
         run_gdfo_job(parse_args(GDFOConfig, argv, presets={"quick": QUICK}))
+    elif job == "comblm":
+        from raydapt.comblm.config import QUICK, CombLMConfig
+        from raydapt.comblm.job import run_comblm_job
+        run_comblm_job(parse_args(CombLMConfig, argv, presets={"quick": QUICK}))
     else:
         from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
         run_gradient_job(parse_args(GradientConfig, argv))
@@ -64,7 +71,7 @@ def suite(argv: list[str] | None = None) -> None:
                 run(job, [*common, *quick, *flags])
                 continue
             preset = ["--quick"] if args.preset == "quick" else []
-            local = ["--local"] if args.local else []
+            local = ["--local"] if args.local and job not in NEEDS_RAY else []
             resume = ["--resume"] if (out / "config.json").exists() else []
             run(job, [*preset, *common, *local, *resume, *flags])
     from raydapt.results import main as write_results

@@ -9,7 +9,8 @@ from raydapt.errors import exit_on_user_error
 
 __all__ = ["main"]
 
-COMMANDS = {"score": "score a corpus with a sharded model and write per-token parquet"}
+COMMANDS = {"score": "score a corpus with a sharded model and write per-token parquet",
+            "generate": "sample text from a finished CombLM run's combined model"}
 
 
 @exit_on_user_error
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         from raydapt.score import ScoreConfig, run_score
         summary = run_score(parse_args(ScoreConfig, argv[1:], prog="raydapt score"))
         print(json.dumps(summary))
+    elif argv[0] == "generate":
+        from raydapt.comblm.use import GenerateConfig, run_generate
+        run_generate(parse_args(GenerateConfig, argv[1:], prog="raydapt generate"))
 
 
 if __name__ == "__main__":

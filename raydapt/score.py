@@ -37,6 +37,9 @@ class ScoreConfig:
     cpus_per_stage: float = field(1.0, "CPUs per stage actor")
     gpus_per_stage: float = field(0.0, "GPUs per stage actor")
     dtype: str = field("float32", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    combine: str = field("", "a finished jobs/comblm.py run directory: also write `combined_logprob`, the "
+                             "log-prob under the large LM mixed with that run's expert")
+    combiner: str = field("entropy_scalar", "with --combine: which fitted combiner mixes the two models")
 
     def __post_init__(self):
         check(bool(self.input), "input", "is required")
@@ -89,7 +92,8 @@ def _tokenizer(model_dir: Path):
                         "give \"input_ids\" instead")
 
 
-def scores_table(scores: TokenScores, input_ids: np.ndarray, first_doc: int) -> pa.Table:
+def scores_table(scores: TokenScores, input_ids: np.ndarray, first_doc: int,
+                 combined: np.ndarray | None = None) -> pa.Table:
     """Flatten (N, T-1) scores to one row per real position."""
     n, width = scores.logprob.shape
     mask = np.arange(width)[None, :] < (scores.lengths - 1)[:, None]
@@ -101,6 +105,8 @@ def scores_table(scores: TokenScores, input_ids: np.ndarray, first_doc: int) -> 
         "logprob": pa.array(scores.logprob[mask], pa.float32()),
         "entropy": pa.array(scores.entropy[mask], pa.float32()),
     }
+    if combined is not None:
+        columns["combined_logprob"] = pa.array(combined[mask], pa.float32())
     if scores.topk_ids is not None:
         k = scores.topk_ids.shape[-1]
         offsets = pa.array(np.arange(0, (len(doc) + 1) * k, k, dtype=np.int32))
@@ -134,18 +140,23 @@ def run_score(cfg: ScoreConfig) -> dict:
     docs = read_corpus(Path(cfg.input), model_dir, info.max_positions, info.vocab_size)
     pool = open_pool(spec, cfg.local)
     oracle = ShardedOracle(pool, cfg.micro_batch)
+    combined, per_request = None, cfg.docs_per_request
+    if cfg.combine:
+        from raydapt.comblm.use import CombinedLM
+        combined = CombinedLM(cfg.combine, cfg.combiner, oracle)
+        per_request = min(per_request, 16)  # full distributions: V floats per position in flight
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
     writer = None
     try:
-        for start in tqdm(range(0, len(docs), cfg.docs_per_request), desc="scoring", unit="request",
-                          disable=None):
-            batch = docs[start:start + cfg.docs_per_request]
+        for start in tqdm(range(0, len(docs), per_request), desc="scoring", unit="request", disable=None):
+            batch = docs[start:start + per_request]
             lengths = np.array([len(d) for d in batch])
             ids = np.zeros((len(batch), lengths.max()), np.int64)
             for i, d in enumerate(batch):
                 ids[i, : len(d)] = d
-            scores = oracle.token_logprobs(ids, lengths, top_k=cfg.top_k)
-            table = scores_table(scores, ids, start)
+            scores = oracle.token_logprobs(ids, lengths, top_k=cfg.top_k, full=combined is not None)
+            mixed = combined.gold_logprobs(ids, scores) if combined else None
+            table = scores_table(scores, ids, start, mixed)
             writer = writer or pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table)
         writer.close()

@@ -141,6 +141,7 @@ def _fit_set(splits: dict[str, np.ndarray], cfg) -> np.ndarray:
 def save_split(path: Path, blocks: np.ndarray) -> None:
     """One split as a parquet file with an `input_ids` list column (a `datasets` Dataset)."""
     import datasets
+    datasets.disable_progress_bars()
     tmp = path.with_name(f".{path.name}.tmp")
     datasets.Dataset.from_dict({"input_ids": blocks.tolist()}).to_parquet(str(tmp))
     tmp.replace(path)
