@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from raydapt.comblm.domains import build_splits, split_blocks
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
+from tests.test_cli_errors import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "comblm.py")]
@@ -24,15 +25,6 @@ JOB = [sys.executable, str(ROOT / "jobs" / "comblm.py")]
 
 def run_job(*args, timeout=900):
     return subprocess.run([*JOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 def split_config(**kw):
