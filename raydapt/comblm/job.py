@@ -210,8 +210,8 @@ def _fit_combiners(cfg, out: Path, caches: dict, vocab_size: int, timeline: Time
         save_tensors(out / "combiners" / f"{name}.safetensors", res["state"] or {"empty": np.zeros(0, np.float32)},
                      metadata={"kind": res["kind"], "hidden": cfg.hidden, "layers": cfg.layers})
     timeline.end("combiner_fitting")
-    for res in fitted.values():  # each task's own span, to show they overlapped
-        timeline.phases[f"fit:{res['kind']}"] = [round(res["began"] - timeline.t0_wall, 2),
+    for name, res in fitted.items():  # each task's own span, to show they overlapped
+        timeline.phases[f"fit:{name}"] = [round(res["began"] - timeline.t0_wall, 2),
                                                  round(res["ended"] - timeline.t0_wall, 2)]
     return fitted
 
