@@ -4,7 +4,8 @@ Phases, each skipped on --resume when its output exists:
   data/*.parquet                 the splits (raydapt.comblm.domains)
   expert/                        the fine-tuned expert (Ray Train), an HF checkpoint directory
   cache/{large,untuned,expert}-{split}.safetensors   per-token outputs of each model
-  combiners/{name}.safetensors   each fitted combiner (one Ray task each)
+  combiners/{name}.safetensors   each fitted combiner (one Ray task each); fitted.json: their test
+                                 NLLs and losses, written last
   result.json, perplexity.png    written last: a directory with result.json holds a finished run
 The expert's fine-tuning (a thread driving Ray Train) runs while the large LM scores the fit and
 test sets through the oracle; `timeline` in result.json records when each phase ran.
@@ -28,7 +29,7 @@ from raydapt.comblm.config import RESULT_NEUTRAL_FIELDS
 from raydapt.comblm.domains import build_splits, load_split, save_split
 from raydapt.config import to_dict
 from raydapt.errors import UserError
-from raydapt.outputs import write_json
+from raydapt.outputs import read_json, write_json
 
 __all__ = ["run_comblm_job", "check_tokenizers", "Timeline"]
 
@@ -203,12 +204,18 @@ def _fit_combiners(cfg, out: Path, caches: dict, vocab_size: int, timeline: Time
     tests = {small: {s: as_batch(caches[small][s], caches["large"][s]) for s in TESTS} for small in fits}
     options = {"vocab_size": vocab_size, "seed": cfg.seed, "hidden": cfg.hidden, "layers": cfg.layers,
                "batch_tokens": cfg.combiner_batch, "epochs": cfg.combiner_epochs}
+    summary = out / "combiners" / "fitted.json"
+    if summary.exists():  # a resumed run whose combiners were all fitted: keep them
+        fitted = read_json(summary)
+        if sorted(fitted) == sorted(name for name, _, _ in jobs):
+            return fitted
     timeline.start("combiner_fitting", f"({len(jobs)} Ray tasks)")
     fitted = fit_all(jobs, fits, tests, options)
     (out / "combiners").mkdir(exist_ok=True)
     for name, res in fitted.items():
-        save_tensors(out / "combiners" / f"{name}.safetensors", res["state"] or {"empty": np.zeros(0, np.float32)},
+        save_tensors(out / "combiners" / f"{name}.safetensors", res.pop("state") or {"empty": np.zeros(0, np.float32)},
                      metadata={"kind": res["kind"], "hidden": cfg.hidden, "layers": cfg.layers})
+    write_json(summary, fitted)  # last: its presence means every combiner above is complete
     timeline.end("combiner_fitting")
     for name, res in fitted.items():  # each task's own span, to show they overlapped
         timeline.phases[f"fit:{name}"] = [round(res["began"] - timeline.t0_wall, 2),
@@ -312,5 +319,4 @@ def run_comblm_job(cfg) -> dict:
 
 
 def _final_loss(out: Path) -> float:
-    from raydapt.outputs import read_json
     return read_json(out / "expert" / "train_losses.json")[-1]
