@@ -46,7 +46,11 @@ def ray_head(num_cpus: int = 4, extra_args: tuple = (), extra_env: dict | None =
     temp_dir = tempfile.mkdtemp(prefix="rdpt-head-", dir="/tmp")
     token_path = Path(temp_dir) / "auth_token"
     token_path.write_text(secrets.token_hex(32))
-    ports = {"port": port or free_port(), "dashboard-port": free_port(), "metrics-export-port": free_port()}
+    # Every port free and our own: another Ray on this machine (the test session's, a user's) already
+    # holds the defaults, e.g. the dashboard agent's 52365, and a head without its agent takes no jobs.
+    ports = {"port": port or free_port(), "dashboard-port": free_port(), "metrics-export-port": free_port(),
+             "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
+             "runtime-env-agent-port": free_port()}
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
                         "RAY_metrics_report_interval_ms": "1000", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
