@@ -16,23 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["step_rows", "train_loop", "fine_tune_expert", "HF_FILES"]
+__all__ = ["train_loop", "fine_tune_expert", "HF_FILES"]
 
 # Files of the Hugging Face checkpoint directory (the rest of a Ray Train checkpoint is resume state).
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json")
-
-
-def step_rows(n_rows: int, batch: int, steps: int, seed: int) -> np.ndarray:
-    """(steps, batch) row indices: walks seeded permutations of the rows, reshuffled each epoch."""
-    rng = np.random.default_rng(seed)
-    order, pos, out = rng.permutation(n_rows), 0, []
-    for _ in range(steps):
-        if pos + batch > len(order):
-            order, pos = rng.permutation(n_rows), 0
-        out.append(order[pos: pos + batch])
-        pos += batch
-    return np.stack(out)
 
 
 def _restore(model, opt, device) -> tuple[int, list[float]]:
@@ -84,7 +72,7 @@ def train_loop(config: dict) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from raydapt.pretrain import lr_at
+    from raydapt.pretrain import lr_at, step_rows
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(config["seed"])

@@ -31,7 +31,7 @@ from raydapt.defaults import raydapt_home
 from raydapt.errors import UserError
 
 __all__ = ["PretrainConfig", "QUICK", "EOS", "PAD", "train_tokenizer", "sample_texts", "pack_blocks",
-           "llama_config", "lr_at", "train_lm", "mean_loss", "install_dir", "build_default_models"]
+           "llama_config", "lr_at", "step_rows", "train_lm", "mean_loss", "install_dir", "build_default_models"]
 
 EOS = "<|endoftext|>"  # separates files in the token stream; also BOS, and BBT's placeholder token
 PAD = "<pad>"  # never trained on: it only fills the right end of batches
@@ -146,22 +146,30 @@ def lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def step_rows(n_rows: int, batch: int, steps: int, seed: int) -> np.ndarray:
+    """(steps, batch) row indices: walks seeded permutations of the rows, reshuffled each epoch, so
+    the data order depends on `seed` only (and a resumed run can jump to any step)."""
+    rng = np.random.default_rng(seed)
+    order, pos, out = rng.permutation(n_rows), 0, []
+    for _ in range(steps):
+        if pos + batch > len(order):
+            order, pos = rng.permutation(n_rows), 0
+        out.append(order[pos: pos + batch])
+        pos += batch
+    return np.stack(out)
+
+
 def train_lm(model, blocks: np.ndarray, steps: int, batch_size: int, lr: float, warmup: float,
              weight_decay: float, seed: int, desc: str, bf16: bool = False) -> list[float]:
     """Next-token training with AdamW on random batches of `blocks` (N, T); returns the step losses.
 
-    Batches walk through seeded permutations of the rows (reshuffled each epoch), so the data order
-    depends on `seed` only.
+    Batches follow `step_rows`, so the data order depends on `seed` only.
     """
-    rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    order, pos, losses = rng.permutation(len(blocks)), 0, []
+    rows, losses = step_rows(len(blocks), batch_size, steps, seed), []
     model.train()
     for step in (bar := tqdm(range(steps), desc=desc, unit="step", file=sys.stderr)):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(blocks)), 0
-        x = torch.from_numpy(blocks[order[pos: pos + batch_size]])  # (B, T)
-        pos += batch_size
+        x = torch.from_numpy(blocks[rows[step]])  # (B, T)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -18,7 +18,7 @@ import numpy as np
 
 from raydapt.errors import UserError
 
-__all__ = ["TEXT_SUFFIXES", "read_documents", "default_target", "default_general", "to_blocks",
+__all__ = ["TEXT_SUFFIXES", "read_documents", "default_target", "default_general",
            "split_blocks", "build_splits", "save_split", "load_split"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -84,14 +84,6 @@ def _seeded_order(docs: list[str], seed: int) -> list[str]:
     return sorted(docs, key=key)
 
 
-def to_blocks(tokenizer, docs: list[str], block: int) -> np.ndarray:
-    """Documents joined by EOS into one stream, cut into (N, block) int32 rows; the tail is dropped."""
-    ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]
-    stream = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int32)
-    n = len(stream) // block
-    return stream[: n * block].reshape(n, block)
-
-
 def split_blocks(blocks: np.ndarray, fractions: dict[str, float], flag: str) -> dict[str, np.ndarray]:
     """Contiguous slices of `blocks` with the given fractions (every split gets at least one block)."""
     if len(blocks) < len(fractions):
@@ -110,12 +102,17 @@ def _cap(blocks: np.ndarray, tokens: int) -> np.ndarray:
     return blocks[: max(1, tokens // blocks.shape[1])]
 
 
+def _blocks(tokenizer, docs: list[str], seed: int, block: int) -> np.ndarray:
+    from raydapt.pretrain import pack_blocks
+    return pack_blocks(tokenizer, _seeded_order(docs, seed), block).astype(np.int32)
+
+
 def build_splits(cfg, tokenizer) -> dict[str, np.ndarray]:
     """All five splits as (N, block) arrays; the fit set mixes in general text when --fit-mix > 0."""
     target = read_documents(cfg.target, "target") if cfg.target else default_target()
     general = read_documents(cfg.general, "general") if cfg.general else default_general()
-    splits = split_blocks(to_blocks(tokenizer, _seeded_order(target, cfg.seed), cfg.block), TARGET_SPLITS, "target")
-    splits |= split_blocks(to_blocks(tokenizer, _seeded_order(general, cfg.seed), cfg.block), GENERAL_SPLITS, "general")
+    splits = split_blocks(_blocks(tokenizer, target, cfg.seed, cfg.block), TARGET_SPLITS, "target")
+    splits |= split_blocks(_blocks(tokenizer, general, cfg.seed, cfg.block), GENERAL_SPLITS, "general")
     splits["expert_train"] = _cap(splits["expert_train"], cfg.train_tokens)
     for name in ("target_test", "general_test"):
         splits[name] = _cap(splits[name], cfg.test_tokens)

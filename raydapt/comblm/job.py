@@ -18,6 +18,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -175,25 +176,6 @@ def _score_small(name: str, model_dir, out: Path, splits, timeline: Timeline) ->
     return caches
 
 
-def _run_in_thread(fn, *args) -> threading.Thread:
-    """Run fn in a thread; its exception is re-raised by `_join`."""
-    def target():
-        try:
-            fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            thread.error = e
-    thread = threading.Thread(target=target, daemon=True)
-    thread.error = None
-    thread.start()
-    return thread
-
-
-def _join(thread: threading.Thread) -> None:
-    thread.join()
-    if thread.error is not None:
-        raise thread.error
-
-
 def _fit_combiners(cfg, out: Path, caches: dict, vocab_size: int, timeline: Timeline) -> dict[str, dict]:
     from actors.combiner_tasks import fit_all
     from raydapt.outputs import save_tensors
@@ -291,10 +273,11 @@ def run_comblm_job(cfg) -> dict:
     init_ray(num_cpus=max(cpus, 2), dashboard=True)  # Ray Train's state queries need the dashboard
 
     report: dict = {}
-    trainer = _run_in_thread(_train_expert, cfg, out, splits, timeline, report)
-    caches = {"large": _score_large(cfg, out, splits, timeline)}
-    caches["untuned"] = _score_small("untuned", cfg.expert, out, splits, timeline)
-    _join(trainer)
+    with ThreadPoolExecutor(1) as pool:  # Ray Train fine-tunes while this thread has the oracle score
+        trainer = pool.submit(_train_expert, cfg, out, splits, timeline, report)
+        caches = {"large": _score_large(cfg, out, splits, timeline)}
+        caches["untuned"] = _score_small("untuned", cfg.expert, out, splits, timeline)
+        trainer.result()  # re-raises what fine-tuning raised
     caches["expert"] = _score_small("expert", out / "expert", out, splits, timeline)
     fitted = _fit_combiners(cfg, out, caches, info.vocab_size, timeline)
 

@@ -21,7 +21,7 @@ from raydapt.config import check, field
 from raydapt.errors import UserError
 from raydapt.models.heads import token_stats
 
-__all__ = ["CombinedLM", "GenerateConfig", "run_generate"]
+__all__ = ["CombinedLM", "GenerateConfig", "run_config", "run_generate"]
 
 
 class CombinedLM:
@@ -33,13 +33,11 @@ class CombinedLM:
 
         transformers.utils.logging.disable_progress_bar()
         run = Path(run_dir)
-        if not (run / "result.json").exists():
-            raise UserError(f"--run {run} holds no finished CombLM run (no result.json)")
+        config = run_config(run)
         path = run / "combiners" / f"{combiner}.safetensors"
         if not path.exists():
             fitted = sorted(p.stem for p in (run / "combiners").glob("*.safetensors"))
             raise UserError(f"--combiner {combiner!r} was not fitted in {run}; fitted: {', '.join(fitted)}")
-        config = json.loads((run / "result.json").read_text())["config"]
         self.oracle = oracle
         self.tokenizer = AutoTokenizer.from_pretrained(run / "expert")
         self.expert = AutoModelForCausalLM.from_pretrained(run / "expert", dtype=torch.float32).eval()
@@ -88,6 +86,13 @@ class CombinedLM:
         return self.tokenizer.decode(ids[1:])
 
 
+def run_config(run: Path) -> dict:
+    """The config of a finished CombLM run in `run`."""
+    if not (run / "result.json").exists():
+        raise UserError(f"--run {run} holds no finished CombLM run (no result.json)")
+    return json.loads((run / "result.json").read_text())["config"]
+
+
 def _load(path: Path, kind: str, vocab_size: int, config: dict):
     from safetensors.torch import load_file
     state = {k: v for k, v in load_file(str(path)).items() if k != "empty"}
@@ -116,9 +121,7 @@ def run_generate(cfg: GenerateConfig) -> str:
     from raydapt.oracle import ShardedOracle
 
     run = Path(cfg.run)
-    if not (run / "result.json").exists():
-        raise UserError(f"--run {run} holds no finished CombLM run (no result.json)")
-    model = json.loads((run / "result.json").read_text())["config"]["model"]
+    model = run_config(run)["model"]
     pool = open_pool(PoolSpec(model), cfg.local)
     try:
         combined = CombinedLM(run, cfg.combiner, ShardedOracle(pool, micro_batch_size=1))
