@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -109,8 +110,9 @@ def train_loop(config: dict) -> None:
         if done % config["checkpoint_every"] == 0 or done == config["steps"]:
             checkpoint = _save(model, opt, config["model_dir"], done, losses) if rank == 0 else None
             ray.train.report({"step": done, "loss": losses[-1]}, checkpoint=checkpoint)
-            if rank == 0:
-                print(f"expert step {done}/{config['steps']}: loss {losses[-1]:.4f} (checkpointed)", flush=True)
+            if rank == 0:  # not print(): Ray Train V2 patches it to both log and echo, so each line came twice
+                sys.stderr.write(f"expert step {done}/{config['steps']}: loss {losses[-1]:.4f} (checkpointed)\n")
+                sys.stderr.flush()
 
 
 def _trainer_metrics(run: str):

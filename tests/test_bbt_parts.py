@@ -206,6 +206,10 @@ def test_cma_seed_and_extra_solutions():
     a.tell(extra, losses)
     assert a.evaluations == 6 and np.array_equal(a.best()[0], np.full(5, 0.25)) and a.best()[1] == 0.0
     assert a.ask().shape == (4, 5)
+    mean = a.mean()  # GDFO's --grad-start mean: a copy of the search distribution's centre
+    assert mean.shape == (5,) and not np.array_equal(mean, np.zeros(5))
+    mean[:] = 7.0
+    assert not np.array_equal(a.mean(), mean)
     bounded = CMAOptimizer(5, 8, 3.0, seed=1, bounds=(-0.5, 0.5))
     assert np.abs(bounded.ask()).max() <= 0.5
 

@@ -77,7 +77,7 @@ class GDFOSearch(PromptSearch):
     def _start_point(self, state: GDFOState) -> np.ndarray:
         opt = self.optimizers[0]
         if self.cfg.grad_start == "mean":
-            return np.asarray(opt._es.mean, dtype=np.float64)
+            return opt.mean()
         best = opt.best()[0] if self.cfg.variant == "gdfo" else state.best_train_z
         return np.zeros(self.cfg.intrinsic_dim) if best is None else best
 

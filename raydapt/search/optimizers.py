@@ -163,6 +163,10 @@ class CMAOptimizer(_Base):
         with self._own_rng():
             return self._budget_spent() or bool(self._es.stop())
 
+    def mean(self) -> np.ndarray:
+        """The current distribution mean (a copy): GDFO can start its gradient steps there."""
+        return np.array(self._es.mean, dtype=np.float64)
+
 
 class NevergradOptimizer(_Base):
     """Any `nevergrad.optimizers.registry` optimizer over ng.p.Array((dim,)) with mutation sigma.
