@@ -50,11 +50,13 @@ def _calls_to_reach(log: Path, target: float) -> int | None:
 
 
 def _gdfo_vs_bbt(rows: dict[str, list[dict]]) -> list[str]:
+    """Per GDFO run: the calls it needed to reach BBT's final dev accuracy (same seed), and how far
+    its student could be trusted (the injected points hinge on the student's rank agreement)."""
     bbt = {r["seed"]: r for r in rows.get("bbt-cma", [])}
     lines = []
-    for name in ("gdfo", "gdfo-gradient-only"):
+    for name in sorted(n for n in rows if n.startswith("gdfo")):
         ratios, reached = [], 0
-        for r in rows.get(name, []):
+        for r in rows[name]:
             base = bbt.get(r["seed"])
             if base is None:
                 continue
@@ -63,13 +65,19 @@ def _gdfo_vs_bbt(rows: dict[str, list[dict]]) -> list[str]:
             if ours is not None and theirs:
                 reached += 1
                 ratios.append(ours / theirs)
-        if rows.get(name):
-            ratio = f"{statistics.mean(ratios):.2f}" if ratios else "–"
-            lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} |")
+        ratio = f"{statistics.mean(ratios):.2f}" if ratios else "–"
+        agreement = _mean_std([r["student_agreement_mean"] for r in rows[name] if "student_agreement_mean" in r],
+                              scale=1.0, digits=3)
+        injected = _mean_std([r["injected_points"] for r in rows[name]], scale=1.0, digits=1)
+        won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]], scale=1.0, digits=1)
+        lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {agreement} | {injected} | {won} |")
     if not lines:
         return []
-    return ["API calls to reach BBT's (pycma, same seed) final dev accuracy, as a fraction of BBT's calls:", "",
-            "| method | seeds that reached it | mean calls ratio (method / BBT) |", "|---|---|---|", *lines, ""]
+    return ["GDFO runs: API calls to reach BBT's (pycma, same seed) final dev accuracy, as a fraction of BBT's "
+            "calls; the student's rank agreement with the teacher (Spearman rho per generation, mean); the "
+            "gradient points the teacher scored, and the generations whose best point was one of them:", "",
+            "| run | seeds that reached it | mean calls ratio (run / BBT) | student rho | gradient points "
+            "| generations won by them |", "|---|---|---|---|---|---|", *lines, ""]
 
 
 COMBLM_ROWS = ("large", "expert", "expert_untuned", "mean", "constant_scalar", "constant_vector", "entropy_scalar",
