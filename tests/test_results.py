@@ -1,0 +1,48 @@
+"""RESULTS.md is rendered from result.json files alone: known inputs give known tables."""
+from __future__ import annotations
+
+import json
+
+from raydapt.results import collect, main, readme_block, render
+
+
+def write_run(root, preset, name, seed, result, log=()):
+    out = root / preset / f"{name}-seed{seed}"
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"seed": seed, **result}))
+    (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+
+
+def bbt(acc, dev):
+    return {"method": "bbt", "optimizer": "cma", "api_calls": 100, "manual_prompt_test_accuracy": 0.5,
+            "dev_accuracy": dev, "test_accuracy": acc}
+
+
+def gdfo(acc, dev, rho, injected, won):
+    return bbt(acc, dev) | {"method": "gdfo", "student_agreement_mean": rho, "injected_points": injected,
+                            "generations_won_by_gradient_points": won}
+
+
+def test_tables_from_known_results(tmp_path):
+    runs = tmp_path / "results"
+    # BBT reaches its final dev accuracy 0.6 at 80 calls; GDFO reaches it at 40 on seed 1 and never on seed 2
+    write_run(runs, "quick", "bbt-cma", 1, bbt(0.6, 0.6), [{"api_calls": 40, "dev_accuracy": 0.5},
+                                                           {"api_calls": 80, "dev_accuracy": 0.6}])
+    write_run(runs, "quick", "bbt-cma", 2, bbt(0.7, 0.6), [{"api_calls": 80, "dev_accuracy": 0.6}])
+    write_run(runs, "quick", "gdfo", 1, gdfo(0.7, 0.7, 0.1, 10, 1), [{"api_calls": 40, "dev_accuracy": 0.7}])
+    write_run(runs, "quick", "gdfo", 2, gdfo(0.5, 0.5, 0.3, 20, 3), [{"api_calls": 40, "dev_accuracy": 0.5}])
+    text = render(collect(runs))
+    assert "| bbt-cma | bbt | cma | 1, 2 | 100 | 50.00 ± 0.00 | 60.00 ± 0.00 | 65.00 ± 7.07 |" in text
+    assert "| gdfo | 1/2 | 0.50 | 0.200 ± 0.141 | 15.0 ± 7.1 | 2.0 ± 1.4 |" in text
+    block = readme_block(collect(runs))
+    assert "- BBT (pycma): 65.00 ± 7.07" in block and "- GDFO: 60.00 ± 14.14" in block
+
+
+def test_main_writes_results_and_the_readme_block(tmp_path):
+    runs = tmp_path / "results"
+    write_run(runs, "quick", "bbt-cma", 1, bbt(0.6, 0.6))
+    (tmp_path / "README.md").write_text("top\n<!-- results:begin -->\nold\n<!-- results:end -->\nbottom\n")
+    main(["--runs", str(runs), "--output", str(tmp_path / "RESULTS.md")])
+    assert "| bbt-cma | bbt | cma | 1 | 100 | 50.00 | 60.00 | 60.00 |" in (tmp_path / "RESULTS.md").read_text()
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and "- BBT (pycma): 60.00" in readme and readme.endswith("bottom\n")
