@@ -49,7 +49,7 @@ def _calls_to_reach(log: Path, target: float) -> int | None:
     return None
 
 
-def _gdfo_vs_bbt(rows: dict[str, list[dict]]) -> list[str]:
+def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
     """Per GDFO run: the calls it needed to reach BBT's final dev accuracy (same seed), and how far
     its student could be trusted (the injected points hinge on the student's rank agreement)."""
     bbt = {r["seed"]: r for r in rows.get("bbt-cma", [])}
@@ -66,8 +66,7 @@ def _gdfo_vs_bbt(rows: dict[str, list[dict]]) -> list[str]:
                 reached += 1
                 ratios.append(ours / theirs)
         ratio = f"{statistics.mean(ratios):.2f}" if ratios else "–"
-        agreement = _mean_std([r["student_agreement_mean"] for r in rows[name] if "student_agreement_mean" in r],
-                              scale=1.0, digits=3)
+        agreement = _mean_std([r["student_agreement_mean"] for r in rows[name]], scale=1.0, digits=3)
         injected = _mean_std([r["injected_points"] for r in rows[name]], scale=1.0, digits=1)
         won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]], scale=1.0, digits=1)
         lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {agreement} | {injected} | {won} |")
@@ -141,7 +140,7 @@ def render(results: list[dict]) -> str:
                 f"{_mean_std([r['dev_accuracy'] for r in rs if 'dev_accuracy' in r])} | "
                 f"{_mean_std([r['test_accuracy'] for r in rs])} |")
         lines.append("")
-        lines += _gdfo_vs_bbt(rows)
+        lines += _gdfo_table(rows)
     for preset, rows in sorted(comblm.items()):
         lines += _comblm_section(preset, rows)
     return "\n".join(lines) + "\n"
