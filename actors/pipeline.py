@@ -81,16 +81,17 @@ class LocalPool:
         spec.validate()
         self.info = model_info(spec.model_dir)
         self.n_replicas = spec.replicas
-        self.stages = [StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
-                                   simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
-                       for s in range(spec.stages)]  # replicas share one copy: they are identical
+        # Each replica owns its stages, as on Ray: a replica-invariance test then compares real copies.
+        self.replicas = [[StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
+                                      simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
+                          for s in range(spec.stages)] for _ in range(spec.replicas)]
 
     def put(self, value: Any) -> Any:
         return value
 
     def submit(self, replica: int, micro_batch: dict, prompts: Any) -> Any:
         hidden = None
-        for stage in self.stages:
+        for stage in self.replicas[replica]:
             hidden = stage.forward(micro_batch, hidden, prompts)
         return hidden
 
@@ -98,7 +99,7 @@ class LocalPool:
         return handles
 
     def describe(self) -> list[list[dict]]:
-        return [[s.describe() for s in self.stages]] * self.n_replicas
+        return [[s.describe() for s in chain] for chain in self.replicas]
 
 
 @dataclass(frozen=True)

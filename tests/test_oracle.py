@@ -133,10 +133,46 @@ def test_accounting_is_exact_and_budget_refuses(tiny_checkpoints):
         oracle.token_logprobs(ids, lengths)
 
 
+def _served_by(pool) -> list[int]:
+    """Count, per replica, the micro-batches its first stage ran."""
+    counts = [0] * pool.n_replicas
+    for r, chain in enumerate(pool.replicas):
+        forward = chain[0].forward
+
+        def counted(*args, r=r, forward=forward):
+            counts[r] += 1
+            return forward(*args)
+        chain[0].forward = counted
+    return counts
+
+
 def test_results_do_not_depend_on_replicas_or_stages(tiny_checkpoints):
     directory, _ = tiny_checkpoints["llama"]
     ids, lengths = prompted_inputs()
     prompts = RNG.normal(0, 0.5, (7, 3, 32)).astype(np.float32)
-    runs = [ShardedOracle(LocalPool(PoolSpec(str(directory), stages=s, replicas=r)), 4)
-            .label_logits(ids, lengths, [1, 2], prompts) for s, r in ((1, 1), (2, 3), (4, 2))]
-    assert all(np.array_equal(runs[0], other) for other in runs[1:])
+    runs = []
+    for s, r in ((1, 1), (2, 3), (4, 2)):
+        pool = LocalPool(PoolSpec(str(directory), stages=s, replicas=r))
+        # Separate replicas: no stage object and no weight storage is shared between two of them.
+        weights = [{p.data_ptr() for stage in chain for p in stage.shard.parameters()} for chain in pool.replicas]
+        assert all(not (weights[i] & weights[j]) for i in range(r) for j in range(i + 1, r))
+        served = _served_by(pool)
+        runs.append(ShardedOracle(pool, 4).label_logits(ids, lengths, [1, 2], prompts))
+        assert all(n > 0 for n in served), served  # every replica answered part of the population
+    # Bitwise, as the README states (not allclose).
+    assert all(runs[0].tobytes() == other.tobytes() for other in runs[1:])
+
+
+def test_a_replica_answers_from_its_own_weights(tiny_checkpoints):
+    # Perturb replica 1's copy alone: the rows it served change, replica 0's stay.
+    directory, _ = tiny_checkpoints["llama"]
+    ids, lengths = prompted_inputs()
+    prompts = RNG.normal(0, 0.5, (4, 3, 32)).astype(np.float32)
+    clean = ShardedOracle(LocalPool(PoolSpec(str(directory), replicas=2)), 4).label_logits(ids, lengths, [1, 2], prompts)
+    pool = LocalPool(PoolSpec(str(directory), replicas=2))
+    with torch.no_grad():
+        for p in pool.replicas[1][0].shard.parameters():
+            p.mul_(1.5)
+    got = ShardedOracle(pool, 4).label_logits(ids, lengths, [1, 2], prompts)
+    same = (got == clean).all(-1)  # (P, N): one (prompt, example) row each
+    assert same.any() and not same.all(), same
