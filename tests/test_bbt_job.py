@@ -47,23 +47,56 @@ def test_same_result_on_1x1_2x2_and_with_a_stage_killed(tmp_path):
         assert (one / name).exists()
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_job(*SMALL, "--local", "--output-dir", whole)
-    proc = subprocess.Popen([*JOB, *SMALL, "--local", "--output-dir", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = killed / "log.jsonl"
+def kill_mid_run(cmd: list, out: Path, rows: int = 4) -> list[str]:
+    """Start a job, SIGKILL it once its log has `rows` rows; return the log lines it left."""
+    proc = subprocess.Popen([*cmd, "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "log.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
-        time.sleep(0.2)
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < rows):
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # only the job we started, and its children
     proc.wait()
-    assert not (killed / "result.json").exists()
-    run_job(*SMALL, "--local", "--output-dir", killed, "--resume")
-    assert (whole / "best_prompt.safetensors").read_bytes() == (killed / "best_prompt.safetensors").read_bytes()
-    assert metrics(whole) == metrics(killed)
-    assert len((killed / "log.jsonl").read_text().splitlines()) == len((whole / "log.jsonl").read_text().splitlines())
+    assert not (out / "result.json").exists(), "the job finished before it was killed"
+    return log.read_text().splitlines()
+
+
+# Every field --resume accepts changed at once, between the killed leg (in process, 1 x 1) and the
+# resumed one: the directory moves, and the rest runs on Ray actors, 2 x 2, with other resources,
+# placement and logging, and a stage killed.
+RESUME_CHANGES = ["--replicas", "2", "--stages", "2", "--cpus-per-stage", "2", "--placement", "SPREAD",
+                  "--log-every", "1", "--fault-injection", "kill-stage:after-calls=2,stage=1"]
+
+
+def check_resume_changes(saved_config: Path, result: dict, neutral: tuple) -> None:
+    """The resumed run differed from the killed one in every result-neutral field, and only there."""
+    saved, now = json.loads(saved_config.read_text()), result["config"]
+    changed = {k for k in now if saved.get(k) != now[k]}
+    assert changed == set(neutral), (changed ^ set(neutral))
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_killed_and_resumed_with_every_neutral_field_changed_equals_uninterrupted(tmp_path):
+    from raydapt.bbt.config import RESULT_NEUTRAL_FIELDS
+
+    whole, killed, moved = tmp_path / "whole", tmp_path / "killed", tmp_path / "moved"
+    run_job(*SMALL, "--local", "--output-dir", whole)
+    before = kill_mid_run([*JOB, *SMALL, "--local"], killed)
+    killed.rename(moved)
+    resumed = run_job(*SMALL, *RESUME_CHANGES, "--output-dir", moved, "--resume")
+    check_resume_changes(moved / "config.json", json.loads((moved / "result.json").read_text()), RESULT_NEUTRAL_FIELDS)
+    assert (whole / "best_prompt.safetensors").read_bytes() == (moved / "best_prompt.safetensors").read_bytes()
+    assert metrics(whole) == metrics(moved)
+    after, reference = ((d / "log.jsonl").read_text().splitlines() for d in (moved, whole))
+    assert len(after) == len(reference)
+    # A continuation, not a restart: rows checkpointed before the kill are kept as they were.
+    kept = len(after) - sum(line.startswith("gen ") for line in resumed.stdout.splitlines())
+    assert 1 <= kept <= len(before) and after[:kept] == before[:kept]
+    untimed = lambda line: {k: v for k, v in json.loads(line).items() if not k.endswith("_s")}  # noqa: E731
+    assert [untimed(r) for r in after] == [untimed(r) for r in reference]
+    report = json.loads((moved / "result.json").read_text())["fault_tolerance"]
+    assert report["injected"] and report["stage_restarts"] == 1
 
 
 def assert_one_line_error(result, *fragments):
