@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,7 +18,8 @@ import yaml
 
 from raydapt.errors import UserError
 
-__all__ = ["field", "parse_args", "to_dict", "from_dict", "save_config", "check"]
+__all__ = ["field", "parse_args", "to_dict", "from_dict", "save_config", "check", "check_positive",
+           "ArgumentParser"]
 
 C = TypeVar("C")
 
@@ -34,6 +36,23 @@ def check(ok: bool, name: str, message: str) -> None:
     """Raise a UserError naming the field when a validation fails."""
     if not ok:
         raise UserError(f"--{name.replace('_', '-')}: {message}")
+
+
+def check_positive(value: float, name: str, strict: bool = True) -> None:
+    """A finite number > 0 (strict) or >= 0: NaN and infinity are refused too, naming the field."""
+    ok = math.isfinite(value) and (value > 0 if strict else value >= 0)
+    check(ok, name, f"must be a finite number {'>' if strict else '>='} 0, got {value}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, missing value, bad choice) are one `error: ...` line.
+
+    Stock argparse prints its usage first and exits itself; raising a UserError instead lets
+    `exit_on_user_error` print the same single line and exit status 2 as every other bad input.
+    """
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def _base_type(tp: Any) -> Any:
@@ -94,7 +113,7 @@ def parse_args(cls: type[C], argv: list[str] | None = None, description: str | N
 
     `presets` maps a flag name (e.g. "quick") to the field values it sets.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+    parser = ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML file with field values")
     for name, values in (presets or {}).items():

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from raydapt.bbt.config import QUICK, BBTConfig
+from raydapt.comblm.config import CombLMConfig
 from raydapt.config import parse_args
 from raydapt.errors import UserError
 from raydapt.gdfo.config import GDFOConfig
@@ -30,7 +31,7 @@ def test_flags_override_file_and_errors_name_the_field(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("popsize: 12\nbudget: 100\n")
     assert parse_args(BBTConfig, ["--config", str(path), "--popsize", "14"]).popsize == 14
-    with pytest.raises(UserError, match="--temperature: must be > 0"):
+    with pytest.raises(UserError, match="--temperature: must be a finite number > 0, got 0.0"):
         parse_args(GDFOConfig, ["--temperature", "0"])
     with pytest.raises(UserError, match="--student-lr: must be >= 0"):
         parse_args(GDFOConfig, ["--student-lr", "-1"])
@@ -46,3 +47,29 @@ def test_every_field_has_help(capsys):
     for f in dataclasses.fields(GDFOConfig):
         assert f"--{f.name.replace('_', '-')}" in text
         assert f.metadata.get("doc")
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (BBTConfig, {"log_every": 0}, "--log-every: must be >= 1, got 0"),
+    (BBTConfig, {"alpha": 0.0}, "--alpha: must be a finite number > 0, got 0.0"),
+    (BBTConfig, {"alpha": float("inf")}, "--alpha: must be a finite number > 0, got inf"),
+    (BBTConfig, {"cpus_per_stage": 0.0}, "--cpus-per-stage: must be a finite number > 0, got 0.0"),
+    (BBTConfig, {"gpus_per_stage": -0.5}, "--gpus-per-stage: must be a finite number >= 0, got -0.5"),
+    (BBTConfig, {"verbalizer": " a, b"}, "--verbalizer: needs --task"),
+    (BBTConfig, {"task": "t.csv", "verbalizer": " a"}, "--verbalizer: needs a word for each of at least 2 classes"),
+    (GDFOConfig, {"replay": -1}, "--replay: must be >= 0, got -1"),
+    (CombLMConfig, {"cpus_per_stage": -1.0}, "--cpus-per-stage: must be a finite number > 0, got -1.0"),
+    (CombLMConfig, {"cpus_per_worker": 0.0}, "--cpus-per-worker: must be a finite number > 0, got 0.0"),
+])
+def test_configs_validate_on_construction(cls, values, message):
+    with pytest.raises(UserError) as e:
+        cls(**values)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_argparse_errors_are_user_errors():
+    # Stock argparse would print its usage and exit; one `error:` line needs a UserError instead.
+    with pytest.raises(UserError, match="unrecognized arguments: --no-such-flag"):
+        parse_args(BBTConfig, ["--no-such-flag", "1"])
+    with pytest.raises(UserError, match="--popsize: expected int, got 'ten'"):
+        parse_args(BBTConfig, ["--popsize", "ten"])

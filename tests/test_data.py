@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydapt.data.corpus import HELD_OUT_PERCENT, discover_files, is_held_out
-from raydapt.data.tasks import encode_examples, few_shot, label_token_ids, load_task_file
+from raydapt.data.tasks import check_label_ids, encode_examples, few_shot, label_token_ids, load_task_file
 from raydapt.errors import UserError
 from raydapt.pretrain import EOS, train_tokenizer
 
@@ -57,6 +57,54 @@ def test_load_errors_name_the_problem(tmp_path):
     path.write_text("text,label\na,-1\n")
     with pytest.raises(UserError, match="non-negative integers or strings"):
         load_task_file(path)
+
+
+
+def _rows(path, labels):
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": v}) + "\n" for i, v in enumerate(labels)))
+    return path
+
+
+def test_test_file_shares_the_task_files_label_ids(tmp_path):
+    task = load_task_file(_rows(tmp_path / "task.jsonl", ["pos", "neg", "pos", "neg"]))
+    assert task["label"] == [1, 0, 1, 0] and task.features["label"].names == ["neg", "pos"]
+    # Alone, a file holding only "pos" would number it 0; beside the task file it must be 1.
+    only_pos = _rows(tmp_path / "test.jsonl", ["pos", "pos"])
+    assert load_task_file(only_pos)["label"] == [0, 0]
+    test = load_task_file(only_pos, like=task)
+    assert test["label"] == [1, 1] and test.features["label"].names == ["neg", "pos"]
+    with pytest.raises(UserError, match=r"label\(s\) \['neutral'\] are not among .*accepted: \['neg', 'pos'\]"):
+        load_task_file(_rows(tmp_path / "t2.jsonl", ["pos", "neutral"]), like=task)
+    with pytest.raises(UserError, match=r"holds integers, but the task file's labels are the names \['neg', 'pos'\]"):
+        load_task_file(_rows(tmp_path / "t3.jsonl", [1, 0]), like=task)
+    ints = load_task_file(_rows(tmp_path / "t4.jsonl", [2, 0, 1]))
+    assert load_task_file(_rows(tmp_path / "t5.jsonl", [1]), like=ints)["label"] == [1]
+    with pytest.raises(UserError, match="holds strings, but the task file's labels are integers"):
+        load_task_file(_rows(tmp_path / "t6.jsonl", ["pos"]), like=ints)
+
+
+def test_check_label_ids():
+    check_label_ids([0, 1, 1, 0], 2, "f", exact=True)
+    check_label_ids([1, 1], 2, "f", exact=False)  # a test file may lack a class
+    with pytest.raises(UserError, match=r"f: 2 label words but no examples of class id\(s\) \[0\]"):
+        check_label_ids([1, 1], 2, "f", exact=True)
+    with pytest.raises(UserError, match=r"f: label id\(s\) \[2, 5\] have no label word; 2 words cover ids 0..1"):
+        check_label_ids([0, 5, 2, 1], 2, "f", exact=False)
+
+
+def test_configured_task_numbers_the_test_file_by_the_task_file(tmp_path):
+    from raydapt.bbt.config import BBTConfig
+    from raydapt.bbt.inputs import load_configured_task
+
+    task = _rows(tmp_path / "task.jsonl", ["neg", "pos"] * 4)
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": t, "label": "pos"}) + "\n" for t in ("x", "y")))
+    loaded = load_configured_task(BBTConfig(task=str(task), test_file=str(test), verbalizer=" bad, good", k_shot=2))
+    assert loaded.test["text"] == ["x", "y"] and loaded.test["label"] == [1, 1]
+    assert loaded.verbalizer == [" bad", " good"]
+    assert sorted(loaded.train["label"]) == [0, 0, 1, 1]
+    with pytest.raises(UserError, match=r"^--verbalizer: 3 words for the 2 classes of --task.*neg, pos$"):
+        load_configured_task(BBTConfig(task=str(task), verbalizer=" a, b, c", k_shot=2))
 
 
 def _pool(n_per_class=10, classes=3):

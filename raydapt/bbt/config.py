@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raydapt.config import check, field
+from raydapt.config import check, check_positive, field
 
 __all__ = ["TaskConfig", "BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
 
@@ -24,7 +24,8 @@ class TaskConfig:
                       "built-in task")
     test_file: str = field("", "test file for --task (default: the task file's examples not sampled)")
     template: str = field("{text}", "template for --task; {text} is replaced by the input")
-    verbalizer: str = field("", "comma-separated label words for --task, one single token each, in label order")
+    verbalizer: str = field("", "comma-separated label words for --task, one single token each, one per class "
+                            "in label order: integer labels 0, 1, ...; string labels sorted (neg, pos)")
     text_column: str = field("text", "text column of --task")
     label_column: str = field("label", "label column of --task")
     k_shot: int = field(16, "train examples per class (and as many more for dev)")
@@ -32,8 +33,24 @@ class TaskConfig:
 
     def __post_init__(self):
         check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")
+        # The built-in task brings its own template and label words: these flags only pose --task.
         check(bool(self.task) or not self.test_file, "test_file", "needs --task")
+        check(bool(self.task) or self.template == "{text}", "template",
+              "needs --task (the built-in task has its own template)")
+        check(bool(self.task) or not self.verbalizer, "verbalizer",
+              "needs --task (the built-in task has its own label words)")
         check(not self.task or bool(self.verbalizer), "verbalizer", "is required with --task")
+        check(self.template.count("{text}") == 1, "template",
+              f"must contain {{text}} exactly once, got {self.template!r}")
+        words = self.label_words()
+        check(all(words), "verbalizer", f"has an empty word in {self.verbalizer!r} (comma-separated, one per class)")
+        check(len(set(words)) == len(words), "verbalizer", f"repeats a word in {self.verbalizer!r}")
+        check(not words or len(words) >= 2, "verbalizer", f"needs a word for each of at least 2 classes, "
+              f"got {self.verbalizer!r}")
+
+    def label_words(self) -> list[str]:
+        """--verbalizer split at commas (spaces kept: ' good' is another token than 'good'); [] when unset."""
+        return self.verbalizer.split(",") if self.verbalizer else []
 
 
 @dataclass
@@ -76,11 +93,15 @@ class BBTConfig(TaskConfig):
         check(self.prompt_length >= 1, "prompt_length", f"must be >= 1, got {self.prompt_length}")
         check(self.budget >= self.popsize, "budget",
               f"{self.budget} is smaller than one population (--popsize {self.popsize})")
-        check(self.sigma > 0, "sigma", f"must be > 0, got {self.sigma}")
+        check_positive(self.sigma, "sigma")
+        check_positive(self.alpha, "alpha")
         check(self.dev_every >= 1, "dev_every", f"must be >= 1, got {self.dev_every}")
         check(self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
         check(self.stages >= 1, "stages", f"must be >= 1, got {self.stages}")
         check(self.micro_batch >= 1, "micro_batch", f"must be >= 1, got {self.micro_batch}")
+        check_positive(self.cpus_per_stage, "cpus_per_stage")
+        check_positive(self.gpus_per_stage, "gpus_per_stage", strict=False)
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.seed != 0, "seed", "must be non-zero (pycma reads 0 as 'seed from the clock')")
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raydapt.data.tasks import Task, default_task, encode_examples, few_shot, label_token_ids, load_task_file
+from raydapt.data.tasks import (Task, check_label_ids, default_task, encode_examples, few_shot, label_names,
+                                label_token_ids, load_task_file)
 from raydapt.errors import UserError
 
 __all__ = ["Split", "EncodedTask", "load_configured_task", "encode_task", "placeholder_ids"]
@@ -29,19 +30,43 @@ class EncodedTask:
 
 
 def load_configured_task(cfg) -> Task:
-    """The built-in task, or a user's file with its template and verbalizer."""
+    """The built-in task, or a user's file with its template and verbalizer.
+
+    Label ids come from one mapping, the task file's: --test-file is numbered by it (never by its
+    own labels, which could order them differently or lack one) and refused if it holds labels the
+    task file lacks; --verbalizer must have one word per class of the task file. All of it is
+    checked here, before any model loads or any actor starts.
+    """
     if not cfg.task:
         return default_task(seed=cfg.seed, k=cfg.k_shot)
 
-    pool = load_task_file(cfg.task, cfg.text_column, cfg.label_column)
-    train, dev = few_shot(pool, cfg.k_shot, cfg.seed)
+    try:
+        pool = load_task_file(cfg.task, cfg.text_column, cfg.label_column)
+    except UserError as e:
+        raise UserError(f"--task: {e}")
+    words = cfg.label_words()
+    names = label_names(pool)
+    if names is not None and len(names) != len(words):
+        raise UserError(f"--verbalizer: {len(words)} words for the {len(names)} classes of --task; give one "
+                        f"word per class, in the labels' sorted order: {', '.join(names)}")
+    try:
+        check_label_ids(pool["label"], len(words), cfg.task, exact=True)
+    except UserError as e:
+        raise UserError(f"--verbalizer: {len(words)} words do not match --task's classes ({e})")
+    try:
+        train, dev = few_shot(pool, cfg.k_shot, cfg.seed)
+    except UserError as e:
+        raise UserError(f"--k-shot {cfg.k_shot}: {e}")
     if cfg.test_file:
-        test = load_task_file(cfg.test_file, cfg.text_column, cfg.label_column)
+        try:
+            test = load_task_file(cfg.test_file, cfg.text_column, cfg.label_column, like=pool)
+            check_label_ids(test["label"], len(words), cfg.test_file, exact=False)
+        except UserError as e:
+            raise UserError(f"--test-file: {e}")
     else:
         used = set(train["text"]) | set(dev["text"])
-        test = pool.filter(lambda row: row["text"] not in used)
-    return Task(name=cfg.task, template=cfg.template, verbalizer=[w for w in cfg.verbalizer.split(",")],
-                train=train, dev=dev, test=test)
+        test = pool.select([i for i, text in enumerate(pool["text"]) if text not in used])
+    return Task(name=cfg.task, template=cfg.template, verbalizer=words, train=train, dev=dev, test=test)
 
 
 def placeholder_ids(tokenizer, placeholder: str, length: int) -> list[int]:

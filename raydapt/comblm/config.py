@@ -1,9 +1,10 @@
 """CombLM's typed config (flags, YAML) and its quick preset."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from raydapt.config import check, field
+from raydapt.config import check, check_positive, field
 
 __all__ = ["CombLMConfig", "QUICK", "RESULT_NEUTRAL_FIELDS", "parse_fault"]
 
@@ -69,8 +70,10 @@ class CombLMConfig:
         check(0.0 <= self.fit_mix < 1.0, "fit_mix", f"must be in [0, 1), got {self.fit_mix}")
         check(self.expert_batch % self.workers == 0, "expert_batch",
               f"{self.expert_batch} sequences do not split evenly over {self.workers} workers")
-        check(self.expert_lr > 0, "expert_lr", f"must be positive, got {self.expert_lr}")
-        check(self.max_cache_gb > 0, "max_cache_gb", f"must be positive, got {self.max_cache_gb}")
+        for name in ("expert_lr", "max_cache_gb", "cpus_per_worker", "cpus_per_stage"):
+            check_positive(getattr(self, name), name)
+        check_positive(self.gpus_per_stage, "gpus_per_stage", strict=False)
+        check(math.isfinite(self.proxy_alpha), "proxy_alpha", f"must be a finite number, got {self.proxy_alpha}")
         from raydapt.comblm.combiners import COMBINERS
         for name in ("combiners", "control"):
             for kind in self.kinds(name):

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pa_parquet
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, Features, Value
 
 from raydapt.defaults import assets_dir
 from raydapt.errors import UserError
 
-__all__ = ["Task", "SUPPORTED_EXTENSIONS", "load_task_file", "few_shot", "load_task", "default_task",
-           "default_task_dir", "encode_examples", "label_token_ids"]
+__all__ = ["Task", "SUPPORTED_EXTENSIONS", "load_task_file", "label_names", "check_label_ids", "few_shot",
+           "load_task", "default_task", "default_task_dir", "encode_examples", "label_token_ids"]
 
 SUPPORTED_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -54,26 +54,53 @@ def _read_table(path: Path) -> pa.Table:
         raise UserError(f"cannot read {path} as {ext[1:]}: {str(e).splitlines()[0]}")
 
 
-def _int_labels(values: list, path: Path, column: str) -> tuple[list[int], list[str] | None]:
-    """Integer labels as given (must be >= 0), or strings numbered in sorted order (names returned)."""
+def label_names(dataset: Dataset) -> list[str] | None:
+    """The names behind a task file's label ids (string labels), or None (integer labels)."""
+    feature = dataset.features["label"]
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def _int_labels(values: list, path: Path, column: str, like: Dataset | None) -> tuple[list[int], list[str] | None]:
+    """Integer labels as given (must be >= 0), or strings numbered in sorted order (names returned).
+
+    With `like`, the ids are `like`'s: its names number the strings, and a label it lacks is refused.
+    """
     if any(v is None for v in values):
         raise UserError(f"{path}: column {column!r} has empty values")
-    if all(isinstance(v, str) for v in values):
+    strings = all(isinstance(v, str) for v in values)
+    integers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 0
+                   for v in values)
+    if not (strings or integers):
+        raise UserError(f"{path}: column {column!r} must hold non-negative integers or strings")
+    if like is None:
+        if integers:
+            return [int(v) for v in values], None
         names = sorted(set(values))
-        index = {name: i for i, name in enumerate(names)}
-        return [index[v] for v in values], names
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 0
-           for v in values):
-        return [int(v) for v in values], None
-    raise UserError(f"{path}: column {column!r} must hold non-negative integers or strings")
+    else:
+        names = label_names(like)
+        if names is None and not integers:
+            raise UserError(f"{path}: column {column!r} holds strings, but the task file's labels are integers")
+        if names is None:
+            return [int(v) for v in values], None
+        if not strings:
+            raise UserError(f"{path}: column {column!r} holds integers, but the task file's labels are "
+                            f"the names {names}")
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise UserError(f"{path}: label(s) {unknown} are not among the task file's labels; accepted: {names}")
+    index = {name: i for i, name in enumerate(names)}
+    return [index[v] for v in values], names
 
 
-def load_task_file(path, text_column: str = "text", label_column: str = "label") -> Dataset:
+def load_task_file(path, text_column: str = "text", label_column: str = "label",
+                   like: Dataset | None = None) -> Dataset:
     """Read a .csv/.jsonl/.json/.parquet file into a Dataset with columns `text` (str), `label` (int).
 
     Integer labels are kept as they are. String labels are numbered in sorted order ("neg" -> 0,
     "pos" -> 1) and the names kept as a `ClassLabel` feature, so `features["label"].names` maps back.
-    Other columns are dropped.
+    Other columns are dropped. A second file of the same task (a test file) passes the first as
+    `like`: its labels are then numbered by the first file's mapping, never by its own (a test file
+    holding only "pos" must give it id 1, not 0), and labels outside that mapping are refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,11 +115,10 @@ def load_task_file(path, text_column: str = "text", label_column: str = "label")
     texts = table.column(text_column).to_pylist()
     if any(t is None for t in texts):
         raise UserError(f"{path}: column {text_column!r} has empty values")
-    labels, names = _int_labels(table.column(label_column).to_pylist(), path, label_column)
-    data = Dataset.from_dict({"text": [str(t) for t in texts], "label": labels})
-    if names is not None:
-        data = data.cast_column("label", ClassLabel(names=names))
-    return data
+    labels, names = _int_labels(table.column(label_column).to_pylist(), path, label_column, like)
+    # Features given up front, not cast afterwards: a cast prints a progress bar on stderr.
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names) if names else Value("int64")})
+    return Dataset.from_dict({"text": [str(t) for t in texts], "label": labels}, features=features)
 
 
 def few_shot(dataset: Dataset, k: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -127,10 +153,31 @@ def load_task(directory, seed: int, k: int = 16) -> Task:
     if not meta_path.is_file():
         raise UserError(f"{directory} is not a task directory (no task.json)")
     meta = json.loads(meta_path.read_text())
-    train, dev = few_shot(load_task_file(directory / "train.jsonl"), k, seed)
-    return Task(name=meta["name"], template=meta["template"], verbalizer=list(meta["verbalizer"]),
-                train=train, dev=dev, test=load_task_file(directory / "test.jsonl"),
-                description=meta.get("description", ""))
+    pool = load_task_file(directory / "train.jsonl")
+    verbalizer = list(meta["verbalizer"])
+    test = load_task_file(directory / "test.jsonl", like=pool)
+    for split, data in (("train.jsonl", pool), ("test.jsonl", test)):
+        check_label_ids(data["label"], len(verbalizer), f"{directory / split}", exact=split == "train.jsonl")
+    train, dev = few_shot(pool, k, seed)
+    return Task(name=meta["name"], template=meta["template"], verbalizer=verbalizer,
+                train=train, dev=dev, test=test, description=meta.get("description", ""))
+
+
+def check_label_ids(labels: list[int], n_classes: int, where: str, exact: bool) -> None:
+    """Every id names one of the `n_classes` label words; with `exact`, every word's class occurs too.
+
+    The task file must hold every class (a word without examples is a class the few-shot sample
+    cannot draw); a test file may lack some, but an id without a word cannot be scored.
+    """
+    present = sorted(set(int(v) for v in labels))
+    outside = [v for v in present if v >= n_classes]
+    if outside:
+        raise UserError(f"{where}: label id(s) {outside} have no label word; {n_classes} words cover ids "
+                        f"0..{n_classes - 1}")
+    if exact and len(present) != n_classes:
+        missing = sorted(set(range(n_classes)) - set(present))
+        raise UserError(f"{where}: {n_classes} label words but no examples of class id(s) {missing}; "
+                        f"the labels present are {present}")
 
 
 def default_task(seed: int, k: int = 16) -> Task:

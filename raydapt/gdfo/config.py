@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from raydapt.bbt.config import QUICK as BBT_QUICK
 from raydapt.bbt.config import BBTConfig
-from raydapt.config import check, field
+from raydapt.config import check, check_positive, field
 from raydapt.gdfo.student import StudentSettings
 
 __all__ = ["GDFOConfig", "QUICK"]
@@ -44,11 +44,12 @@ class GDFOConfig(BBTConfig):
         super().__post_init__()
         check(self.method == "bbt", "method", "GDFO searches BBT's input prompt; bbtv2 is not supported")
         check(self.mode == "add", "mode", "GDFO uses add mode (the student adds the same z at its slots)")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check_positive(self.temperature, "temperature")
         check(self.student_lr >= 0, "student_lr", f"must be >= 0, got {self.student_lr}")
         check(self.grad_lr >= 0, "grad_lr", f"must be >= 0, got {self.grad_lr}")
         check(self.hard_weight >= 0, "hard_weight", f"must be >= 0, got {self.hard_weight}")
         check(self.student_steps >= 0, "student_steps", f"must be >= 0, got {self.student_steps}")
+        check(self.replay >= 0, "replay", f"must be >= 0, got {self.replay}")
         check(self.grad_steps >= 1, "grad_steps", f"must be >= 1, got {self.grad_steps}")
         check(0 <= self.max_inject <= self.grad_steps, "max_inject", f"must be in [0, --grad-steps], got {self.max_inject}")
         check(-1 <= self.min_trust <= 1, "min_trust", f"must be in [-1, 1], got {self.min_trust}")
