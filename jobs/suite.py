@@ -5,13 +5,20 @@
 Each run writes its own directory under --output-dir; runs already finished (result.json present)
 are kept, so an interrupted suite continues where it stopped. RESULTS.md is then written by
 `raydapt.results` from the result.json files: no number is typed by hand.
+
+Where the report goes: into --output-dir (OUTPUT_DIR/RESULTS.md), whatever the working directory.
+Only when --output-dir is this repository's own results/ directory (the default, run from the
+repository) are the repository's RESULTS.md and README.md results block regenerated instead: a
+suite run elsewhere never overwrites the published figures with its own.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from raydapt.errors import exit_on_user_error
+from raydapt.errors import UserError, exit_on_user_error
+
+REPO = Path(__file__).resolve().parents[1]
 
 RUNS = {  # name: (job, extra flags)
     "bbt-cma": ("bbt", []),
@@ -52,17 +59,54 @@ def run(job: str, argv: list[str]) -> None:
         run_gradient_job(parse_args(GradientConfig, argv))
 
 
+def parse_seeds(text: str) -> list[int]:
+    """`1,2,3` -> [1, 2, 3]: distinct positive integers (BBT's pycma reads seed 0 as 'from the clock')."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise UserError(f"--seeds: {text!r} is not a comma-separated list of distinct positive integers, "
+                        "e.g. 1,2,3")
+    return [int(p) for p in parts]
+
+
+def parse_runs(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or len(set(names)) != len(names):
+        what = f"unknown run(s) {unknown}" if unknown else f"{text!r} repeats a run"
+        raise UserError(f"--runs: {what}; accepted: {', '.join(RUNS)}")
+    return names
+
+
+def report_paths(output_dir: Path, repo: Path = REPO) -> tuple[Path, Path | None]:
+    """(RESULTS.md to write, README.md whose results block to regenerate, or None).
+
+    The repository's own files only when `output_dir` is the repository's results/; otherwise
+    OUTPUT_DIR/RESULTS.md and no README.
+    """
+    if output_dir.resolve() == (repo / "results").resolve():
+        return repo / "RESULTS.md", repo / "README.md"
+    return output_dir / "RESULTS.md", None
+
+
 @exit_on_user_error
 def suite(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from raydapt.config import ArgumentParser
+
+    parser = ArgumentParser(prog="jobs/suite.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("quick", "default"), default="quick")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--output-dir", type=Path, default=Path("results"))
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated distinct positive integers")
+    parser.add_argument("--output-dir", type=Path, default=Path("results"),
+                        help="runs go to OUTPUT_DIR/PRESET/NAME-seedN/, the report to OUTPUT_DIR/RESULTS.md; "
+                             "only this repository's results/ regenerates its RESULTS.md and README.md")
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     parser.add_argument("--local", action="store_true", help="stages in this process instead of Ray actors")
     args = parser.parse_args(argv)
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for name in args.runs.split(","):
+    # Every bad flag before the first run starts.
+    seeds, names = parse_seeds(args.seeds), parse_runs(args.runs)
+    results_md, readme = report_paths(args.output_dir)
+    for seed in seeds:
+        for name in names:
             job, flags = RUNS[name]
             out = args.output_dir / args.preset / f"{name}-seed{seed}"
             if (out / "result.json").exists():
@@ -78,8 +122,14 @@ def suite(argv: list[str] | None = None) -> None:
             local = ["--local"] if args.local and job not in NEEDS_RAY else []
             resume = ["--resume"] if (out / "config.json").exists() else []
             run(job, [*preset, *common, *local, *resume, *flags])
-    from raydapt.results import main as write_results
-    write_results(["--runs", str(args.output_dir), "--output", "RESULTS.md"])
+    from raydapt.results import collect, readme_block, render, update_readme
+    results = collect(args.output_dir)
+    if not results:
+        raise UserError(f"--output-dir {args.output_dir}: no result.json under it to report")
+    results_md.write_text(render(results))
+    if readme is not None:
+        update_readme(readme, readme_block(results))
+    print(f"wrote {results_md}" + (f" and {readme}'s results block" if readme else "") + f" from {len(results)} runs")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,104 @@
-"""Bad input to `raydapt score`: one clear line on stderr, exit status 2, no traceback, no output."""
+"""Every bad input to every entry point: one `error: ...` line naming the flag, exit status 2, no
+traceback, nothing written, and before any actor starts.
+
+One table, one row per (entry point, argv, fragments the error line must contain). Each row runs the
+real script in a subprocess. `{name}` in an argv is an input file made below; `{out}` is the row's
+output directory (or file), which must not exist afterwards. A row must fail in well under 15 s:
+starting Ray alone takes longer on 2 cores, so a slow row means its check comes too late.
+"""
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-RAYDAPT = [sys.executable, "-m", "raydapt.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+SCORE = ["-m", "raydapt.cli", "score", "--local"]
+
+TASK = "--task {task} --verbalizer ' neg, pos'"  # string labels: neg -> 0, pos -> 1
+
+# (entry point, argv, fragments of the error line). Split with shlex-like rules by `split` below.
+ROWS = [
+    # Point 4 of issue 11, each item on the jobs it applies to.
+    ("jobs/bbt.py", "--log-every 0", ["--log-every", ">= 1, got 0"]),
+    ("jobs/gdfo.py", "--log-every -3", ["--log-every", ">= 1, got -3"]),
+    ("jobs/bbt.py", "--alpha 0", ["--alpha", "> 0, got 0.0"]),
+    ("jobs/gdfo.py", "--alpha -1", ["--alpha", "> 0, got -1.0"]),
+    ("jobs/bbt.py", "--alpha nan", ["--alpha", "finite"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' a, b, c'",
+     ["--verbalizer", "3 words for the 2 classes", "neg, pos"]),
+    ("jobs/gdfo.py", "--task {int_task} --verbalizer ' a, b'", ["--verbalizer", "label id(s) [2] have no label word"]),
+    ("jobs/prompt_tuning.py", "--task {task} --verbalizer ' a, b, c'", ["--verbalizer", "3 words", "neg, pos"]),
+    ("jobs/bbt.py", "--task {gap_task} --verbalizer ' a, b, c'", ["--verbalizer", "no examples of class id(s) [1]"]),
+    ("jobs/bbt.py", "--verbalizer ' a, b'", ["--verbalizer", "needs --task"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' a, a'", ["--verbalizer", "repeats a word"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' a,'", ["--verbalizer", "empty word"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' neg, pos' --template 'no slot'", ["--template", "{text}"]),
+    ("jobs/bbt.py", f"{TASK} --test-file {{test_unknown}}",
+     ["--test-file", "['neutral']", "accepted: ['neg', 'pos']"]),
+    ("jobs/gdfo.py", f"{TASK} --test-file {{test_ints}}", ["--test-file", "integers", "['neg', 'pos']"]),
+    ("jobs/prompt_tuning.py", f"{TASK} --test-file {{test_unknown}}", ["--test-file", "['neutral']", "'neg', 'pos'"]),
+    ("jobs/bbt.py", "--task {int_task} --verbalizer ' a, b, c' --test-file {test_strings}",
+     ["--test-file", "strings", "integers"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' neg, pos' --k-shot 50", ["--k-shot 50", "60 examples", "2k=100"]),
+    ("jobs/prompt_tuning.py", "--model {missing}", ["--model", "does not exist"]),
+    ("jobs/prompt_tuning.py", "--model {bert}", ["--model", "unsupported architecture 'bert'", "gpt2, opt, llama"]),
+    ("jobs/prompt_tuning.py", "--model {garbage}", ["--model", "corrupted safetensors file"]),
+    ("jobs/prompt_tuning.py", "--steps 0", ["--steps", ">= 1"]),
+    ("jobs/gdfo.py", "--replay -1", ["--replay", ">= 0, got -1"]),
+    ("jobs/bbt.py", "--cpus-per-stage 0", ["--cpus-per-stage", "> 0, got 0.0"]),
+    ("jobs/gdfo.py", "--cpus-per-stage -1", ["--cpus-per-stage", "> 0"]),
+    ("jobs/comblm.py", "--cpus-per-stage 0", ["--cpus-per-stage", "> 0"]),
+    ("jobs/comblm.py", "--cpus-per-worker 0", ["--cpus-per-worker", "> 0"]),
+    ("jobs/bbt.py", "--gpus-per-stage -1", ["--gpus-per-stage", ">= 0"]),
+    ("jobs/suite.py", "--runs bbt-cma,nope", ["--runs", "['nope']", "accepted: bbt-cma, bbt-ng-CMA"]),
+    ("jobs/suite.py", "--runs bbt-cma,bbt-cma", ["--runs", "repeats"]),
+    ("jobs/suite.py", "--seeds 1,x", ["--seeds", "'1,x'", "positive integers"]),
+    ("jobs/suite.py", "--seeds 0", ["--seeds", "'0'", "positive integers"]),
+    ("jobs/suite.py", "--seeds 1,1", ["--seeds", "distinct"]),
+    ("jobs/suite.py", "--preset fast", ["--preset", "'quick', 'default'"]),
+    # Flags and values every job shares (argparse's own errors are one line too).
+    ("jobs/bbt.py", "--popsize 1", ["--popsize", ">= 2"]),
+    ("jobs/bbt.py", "--budget 5 --popsize 10", ["--budget", "smaller than one population"]),
+    ("jobs/bbt.py", "--optimizer Nonsense", ["--optimizer", "Nonsense"]),
+    ("jobs/bbt.py", "--placement SIDEWAYS", ["--placement", "PACK"]),
+    ("jobs/bbt.py", "--popsize ten", ["--popsize", "expected int"]),
+    ("jobs/bbt.py", "--no-such-flag 1", ["unrecognized arguments: --no-such-flag"]),
+    ("jobs/gdfo.py", "--temperature 0", ["--temperature", "> 0"]),
+    ("jobs/comblm.py", "--combiners mean,nope", ["--combiners", "'nope'", "constant_scalar"]),
+    # `raydapt score`: bad checkpoints and corpora.
+    (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
+    (SCORE, "--model {bert} --input {corpus} --output {out}",
+     ["unsupported architecture 'bert'", "gpt2, opt, llama, mistral, qwen2"]),
+    (SCORE, "--model {garbage} --input {corpus} --output {out}", ["corrupted safetensors file"]),
+    (SCORE, "--model {truncated} --input {corpus} --output {out}", ["corrupted safetensors file"]),
+    (SCORE, "--model {llama} --input {corpus_bad_json} --output {out}", ["line 2: not valid JSON"]),
+    (SCORE, "--model {llama} --input {corpus_no_ids} --output {out}", ["line 1: needs a \"text\"", "\"input_ids\""]),
+    (SCORE, "--model {llama} --input {corpus_long} --output {out}",
+     ["line 1: 65 tokens, longer than the model's context of 64"]),
+    (SCORE, "--model {llama} --stages 5 --input {corpus} --output {out}", ["--stages 5", "4 layers"]),
+    (SCORE, "--model {llama} --input {corpus} --output {blocker}/o.parquet", ["--output", "does not exist"]),
+    (SCORE, "--input {corpus} --output {out} --top-k -1", ["--top-k"]),
+]
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    path = tmp_path / "in.jsonl"
-    path.write_text(json.dumps({"input_ids": [1, 2, 3, 4]}) + "\n")
+def split(argv: str) -> list[str]:
+    import shlex
+    return shlex.split(argv)
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def run_score(*args):
-    return subprocess.run([*RAYDAPT, "score", "--local", *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in last, last
-
-
-def bad_checkpoint(tmp_path, tiny_checkpoints, kind):
-    directory = tmp_path / kind
-    if kind == "missing":
-        return directory
+def _checkpoint(tmp: Path, tiny_checkpoints, kind: str) -> Path:
+    directory = tmp / kind
     shutil.copytree(tiny_checkpoints["llama"][0], directory)
     if kind == "bert":
         (directory / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
@@ -46,48 +110,134 @@ def bad_checkpoint(tmp_path, tiny_checkpoints, kind):
     return directory
 
 
-@pytest.mark.parametrize("kind, fragments", [
-    ("missing", ["does not exist"]),
-    ("bert", ["unsupported architecture 'bert'", "gpt2, opt, llama, mistral, qwen2"]),
-    ("garbage", ["corrupted safetensors file"]),
-    ("truncated", ["corrupted safetensors file"]),
-])
-def test_bad_checkpoints(tmp_path, tiny_checkpoints, corpus, kind, fragments):
-    out = tmp_path / "out.parquet"
-    result = run_score("--model", bad_checkpoint(tmp_path, tiny_checkpoints, kind), "--input", corpus, "--output", out)
-    assert_one_line_error(result, *fragments)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("lines, fragments", [
-    (['{"input_ids": [1, 2, 3]}', '{"input_ids": [1, 2'], ["line 2: not valid JSON"]),
-    (['{"tokens": [1, 2]}'], ["line 1: needs a \"text\"", "\"input_ids\""]),
-    ([json.dumps({"input_ids": list(range(65))})], ["line 1: 65 tokens, longer than the model's context of 64"]),
-])
-def test_bad_corpus_lines(tmp_path, tiny_checkpoints, lines, fragments):
-    corpus = tmp_path / "bad.jsonl"
-    corpus.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out.parquet"
-    result = run_score("--model", tiny_checkpoints["llama"][0], "--input", corpus, "--output", out)
-    assert_one_line_error(result, *fragments)
-    assert not out.exists()
-
-
-def test_more_stages_than_layers(tmp_path, tiny_checkpoints, corpus):
-    result = run_score("--model", tiny_checkpoints["gpt2"][0], "--stages", 5, "--input", corpus,
-                       "--output", tmp_path / "o.parquet")
-    assert_one_line_error(result, "--stages 5", "4 layers")
-
-
-def test_output_that_cannot_be_written(tmp_path, tiny_checkpoints, corpus):
-    blocker = tmp_path / "a-file"
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad-inputs")
+    text = [f"example number {i}" for i in range(120)]
+    blocker = tmp / "a-file"
     blocker.write_text("")
-    result = run_score("--model", tiny_checkpoints["gpt2"][0], "--input", corpus, "--output", blocker / "o.parquet")
-    assert_one_line_error(result, "--output", "does not exist")
+    return {
+        "task": _jsonl(tmp / "task.jsonl", [{"text": t, "label": ("neg", "pos")[i % 2]} for i, t in enumerate(text)]),
+        "int_task": _jsonl(tmp / "int_task.jsonl", [{"text": t, "label": i % 3} for i, t in enumerate(text)]),
+        "gap_task": _jsonl(tmp / "gap_task.jsonl", [{"text": t, "label": (0, 2)[i % 2]} for i, t in enumerate(text)]),
+        "test_unknown": _jsonl(tmp / "test_unknown.jsonl", [{"text": "a", "label": "pos"},
+                                                            {"text": "b", "label": "neutral"}]),
+        "test_ints": _jsonl(tmp / "test_ints.jsonl", [{"text": "a", "label": 1}]),
+        "test_strings": _jsonl(tmp / "test_strings.jsonl", [{"text": "a", "label": "pos"}]),
+        "missing": tmp / "no-such-checkpoint",
+        **{kind: _checkpoint(tmp, tiny_checkpoints, kind) for kind in ("bert", "garbage", "truncated")},
+        "llama": tiny_checkpoints["llama"][0],
+        "corpus": _jsonl(tmp / "in.jsonl", [{"input_ids": [1, 2, 3, 4]}]),
+        "corpus_bad_json": _write(tmp / "bad1.jsonl", '{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n'),
+        "corpus_no_ids": _jsonl(tmp / "bad2.jsonl", [{"tokens": [1, 2]}]),
+        "corpus_long": _jsonl(tmp / "bad3.jsonl", [{"input_ids": list(range(65))}]),
+        "blocker": blocker,
+    }
 
 
-def test_unknown_flag_and_command(tmp_path):
-    result = subprocess.run([*RAYDAPT, "frobnicate"], capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
-    result = run_score("--input", tmp_path / "x.jsonl", "--output", tmp_path / "o.parquet", "--top-k", "-1")
-    assert_one_line_error(result, "--top-k")
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_entry_point(entry, argv: list[str], timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    command = [sys.executable, *(entry if isinstance(entry, list) else [str(ROOT / entry)]), *argv]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return result, time.perf_counter() - started
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _row_id(row) -> str:
+    entry, argv, _ = row
+    name = "score" if isinstance(entry, list) else Path(entry).stem
+    return f"{name}:{argv}"
+
+
+@pytest.mark.parametrize("entry, argv, fragments", ROWS, ids=[_row_id(r) for r in ROWS])
+def test_bad_input(tmp_path, inputs, entry, argv, fragments):
+    out = tmp_path / ("out.parquet" if isinstance(entry, list) else "out")
+    args = [a.format(out=out, **inputs) for a in split(argv)]
+    if not isinstance(entry, list) and "--output-dir" not in args:
+        args += ["--output-dir", str(out)]
+    result, seconds = run_entry_point(entry, args)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists(), f"{out} was written"  # no result.json, no config.json, nothing
+    assert seconds < 15, f"{seconds:.1f} s: the check comes after something slow (Ray, a model load)"
+
+
+def test_unknown_command():
+    # raydapt's own usage goes to stderr before the error line, so this one is not one line.
+    result, _ = run_entry_point(["-m", "raydapt.cli"], ["frobnicate"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown command 'frobnicate'; accepted: score, generate")
+
+
+def test_table_covers_point_4_of_issue_11():
+    """Each bad input the issue names has a row, on every job it applies to."""
+    wanted = {"--log-every": {"bbt", "gdfo"}, "--alpha": {"bbt", "gdfo"}, "--verbalizer": {"bbt", "gdfo", "prompt_tuning"},
+              "--test-file": {"bbt", "gdfo", "prompt_tuning"}, "--model": {"prompt_tuning"}, "--replay": {"gdfo"},
+              "--cpus-per-stage": {"bbt", "gdfo", "comblm"}, "--runs": {"suite"}, "--seeds": {"suite"}}
+    for flag, jobs in wanted.items():
+        have = {Path(e).stem for e, _, fragments in ROWS if not isinstance(e, list) and fragments[0] == flag}
+        assert jobs <= have, (flag, jobs - have)
+
+
+def test_prompt_tuning_refuses_a_finished_run_and_writes_result_last(tmp_path):
+    out = tmp_path / "g"
+    argv = ["--steps", "1", "--prompt-length", "2", "--k-shot", "2", "--output-dir", str(out)]
+    first, _ = run_entry_point("jobs/prompt_tuning.py", argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(files) == ["best_prompt.safetensors", "config.json", "result.json"]
+    # The built-in task's hand-written prompt, as in README/RESULTS (48.67 %: 73 of 150).
+    assert json.loads(files["result.json"])["manual_prompt_test_accuracy"] == 73 / 150
+    again, _ = run_entry_point("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
+    assert_one_line_error(again, "--output-dir", "already holds a finished run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the old prompt untouched
+    # An unfinished run of another config (config.json, no result.json) is refused too.
+    (out / "result.json").unlink()
+    again, _ = run_entry_point("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
+    assert_one_line_error(again, "--output-dir", "different config")
+
+
+def _suite_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("suite_under_test", ROOT / "jobs" / "suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_report_goes_where_output_dir_says(tmp_path):
+    suite = _suite_module()
+    repo = tmp_path / "repo"
+    assert suite.report_paths(repo / "results", repo) == (repo / "RESULTS.md", repo / "README.md")
+    assert suite.report_paths(tmp_path / "mine", repo) == (tmp_path / "mine" / "RESULTS.md", None)
+    # A finished run under a foreign --output-dir, run from a directory with its own RESULTS.md and
+    # README.md: the report lands in the output dir and the working directory is left alone.
+    runs, cwd = tmp_path / "mine", tmp_path / "cwd"
+    run = runs / "quick" / "bbt-cma-seed1"
+    run.mkdir(parents=True)
+    (run / "result.json").write_text(json.dumps({"seed": 1, "method": "bbt", "optimizer": "cma", "api_calls": 100,
+                                                 "manual_prompt_test_accuracy": 0.5, "dev_accuracy": 0.6,
+                                                 "test_accuracy": 0.6}))
+    cwd.mkdir()
+    readme = "top\n<!-- results:begin -->\nold\n<!-- results:end -->\n"
+    (cwd / "README.md").write_text(readme)
+    (cwd / "RESULTS.md").write_text("published\n")
+    result = subprocess.run([sys.executable, str(ROOT / "jobs" / "suite.py"), "--runs", "bbt-cma", "--seeds", "1",
+                             "--output-dir", str(runs)], capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| bbt-cma | bbt | cma | 1 | 100 | 50.00 | 60.00 | 60.00 |" in (runs / "RESULTS.md").read_text()
+    assert (cwd / "README.md").read_text() == readme and (cwd / "RESULTS.md").read_text() == "published\n"
+    assert sorted(p.name for p in cwd.iterdir()) == ["README.md", "RESULTS.md"]

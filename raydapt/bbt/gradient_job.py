@@ -17,8 +17,9 @@ from raydapt.bbt.config import TaskConfig
 from raydapt.bbt.inputs import encode_task, load_configured_task
 from raydapt.bbt.losses import accuracy
 from raydapt.config import check, field, to_dict
+from raydapt.errors import UserError
 from raydapt.gradient_prompt import prompted_label_logits, tune_prompt
-from raydapt.outputs import save_tensors, write_json
+from raydapt.outputs import read_json, save_tensors, write_json
 
 __all__ = ["GradientConfig", "run_gradient_job"]
 
@@ -38,18 +39,60 @@ class GradientConfig(TaskConfig):
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
 
 
+def _check_model(model: str):
+    """The --model directory: a supported checkpoint with safetensors weights and a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from raydapt.models.checkpoint import read_config, tensor_index
+
+    try:
+        read_config(model)
+        tensor_index(model)  # opens every safetensors header: a corrupted file fails here, not mid-load
+    except UserError as e:
+        raise UserError(f"--model: {e}")
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model} has no usable tokenizer ({str(e).splitlines()[0]})")
+
+
+def _prepare_output_dir(cfg) -> Path:
+    """Refuse a directory that holds a finished run or another config's run; else write config.json.
+
+    The run has no checkpoint: an unfinished run of the same config (config.json, no result.json)
+    simply starts again, and result.json, written last, marks the directory finished. So a rerun
+    never leaves a new prompt beside an old result.
+    """
+    out = Path(cfg.output_dir)
+    if (out / "result.json").exists():
+        raise UserError(f"--output-dir {out} already holds a finished run (result.json); choose another "
+                        "directory or delete that one")
+    if (out / "config.json").exists() and read_json(out / "config.json") != to_dict(cfg):
+        raise UserError(f"--output-dir {out} holds an unfinished run of a different config (config.json); "
+                        "choose another directory or delete that one")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output-dir {out} cannot be created ({e.strerror})")
+    write_json(out / "config.json", to_dict(cfg))
+    return out
+
+
 def run_gradient_job(cfg: GradientConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from raydapt.defaults import default_model_dir
 
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
     started = time.perf_counter()
+    # Every input check before the model loads: a bad flag costs a second.
+    tokenizer = _check_model(cfg.model)
+    task = load_configured_task(cfg)
+    out = _prepare_output_dir(cfg)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    data = encode_task(load_configured_task(cfg), tokenizer, cfg.prompt_length, "add",
-                       model.config.max_position_embeddings, cfg.placeholder)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, use_safetensors=True).eval()
+    data = encode_task(task, tokenizer, cfg.prompt_length, "add", model.config.max_position_embeddings,
+                       cfg.placeholder)
     prompt = tune_prompt(model, data.train.input_ids, data.train.lengths, data.train.labels, data.label_ids,
                          cfg.prompt_length, cfg.steps, cfg.lr, cfg.seed)
 
@@ -57,12 +100,10 @@ def run_gradient_job(cfg: GradientConfig) -> dict:
         logits = prompted_label_logits(model, split.input_ids, split.lengths, p, data.label_ids)
         return float(accuracy(logits.numpy(), split.labels))
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "best_prompt.safetensors", {"prompt": prompt.numpy().astype(np.float32)})
     result = {"method": "gradient", "optimizer": "adam", "seed": cfg.seed, "api_calls": 0,
               "train_accuracy": acc(data.train, prompt), "dev_accuracy": acc(data.dev, prompt),
               "test_accuracy": acc(data.test, prompt), "manual_prompt_test_accuracy": acc(data.manual_test, None),
               "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg)}
-    write_json(out / "result.json", result)
+    write_json(out / "result.json", result)  # last: a directory with result.json holds a finished run
     return result
