@@ -81,7 +81,7 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32, use_safetensors=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
     start, losses = _restore(model, opt, device)
     ddp = ray.train.torch.prepare_model(model)  # DDP: gradients averaged over workers each step

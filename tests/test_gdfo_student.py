@@ -13,7 +13,7 @@ D, L = 6, 3
 
 
 def make_student(tiny_checkpoints, **settings) -> Student:
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"][0]).float().eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"][0], use_safetensors=True).float().eval()
     space = PromptSpace(D, L, 32, 0.02, seed=5)
     return Student(model, space, [3, 4, 5], StudentSettings(seed=2, **settings))
 

@@ -47,8 +47,8 @@ def test_checkpoint_loads_with_auto_classes(quick_builds, monkeypatch):
     home = quick_builds[0].parent
     monkeypatch.setenv("RAYDAPT_HOME", str(home))
     assert default_model_dir("large") == home / "models" / "large"
-    large = AutoModelForCausalLM.from_pretrained(default_model_dir("large"))
-    small = AutoModelForCausalLM.from_pretrained(default_model_dir("small"))
+    large = AutoModelForCausalLM.from_pretrained(default_model_dir("large"), use_safetensors=True)
+    small = AutoModelForCausalLM.from_pretrained(default_model_dir("small"), use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(default_model_dir("small"))
     assert large.config.model_type == "llama" and large.config.num_hidden_layers == 4
     assert large.config.tie_word_embeddings

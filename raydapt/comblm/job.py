@@ -170,7 +170,7 @@ def _score_small(name: str, model_dir, out: Path, splits, timeline: Timeline) ->
         return {s: load_cache(p) for s, p in paths.items()}
     timeline.start(f"{name}_scoring")
     transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
     caches = {s: _cached(p, lambda s=s: score_in_process(model, splits[s], full=True)) for s, p in paths.items()}
     timeline.end(f"{name}_scoring")
     return caches

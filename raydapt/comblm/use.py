@@ -40,7 +40,7 @@ class CombinedLM:
             raise UserError(f"--combiner {combiner!r} was not fitted in {run}; fitted: {', '.join(fitted)}")
         self.oracle = oracle
         self.tokenizer = AutoTokenizer.from_pretrained(run / "expert")
-        self.expert = AutoModelForCausalLM.from_pretrained(run / "expert", dtype=torch.float32).eval()
+        self.expert = AutoModelForCausalLM.from_pretrained(run / "expert", dtype=torch.float32, use_safetensors=True).eval()
         self.combiner = _load(path, combiner, oracle.info.vocab_size, config)
 
     def logprobs(self, ids: np.ndarray) -> torch.Tensor:

@@ -143,7 +143,7 @@ def evaluate(cfg: MakeTaskConfig) -> dict:
     from raydapt.gradient_prompt import accuracy, prompted_label_logits, tune_prompt
 
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir("large")
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     task_dir = Path(cfg.output_dir) if cfg.output_dir else default_task_dir()
     task = load_task(task_dir, cfg.seed, cfg.k)  # the test split and template; train/dev per run below
