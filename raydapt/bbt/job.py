@@ -1,6 +1,6 @@
 """A BBT / BBTv2 run from its config to its output directory.
 
-Writes: config.json, log.jsonl (one row per generation), checkpoint.pkl (after every generation),
+Writes: config.json, log.jsonl (one row per generation), checkpoint/ (signed, after every generation),
 best_prompt.safetensors (z and the materialised prompt), curve.png, and result.json last: a
 directory with result.json holds a finished run.
 """
@@ -19,15 +19,16 @@ from raydapt.bbt.search import PromptSearch
 from raydapt.bbt.space import DeepPromptSpace, PromptSpace
 from raydapt.config import to_dict
 from raydapt.errors import UserError
-from raydapt.outputs import read_json, read_jsonl, save_tensors, write_json
+from raydapt.outputs import has_checkpoint, read_json, read_jsonl, save_tensors, write_json
 
 __all__ = ["prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
 
 
-def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint.pkl") -> tuple[Path, bool]:
+def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") -> tuple[Path, bool]:
     """Create the output dir, or check that --resume continues a run of the same config.
 
-    Returns (dir, resuming): resuming when --resume finds `marker` there (something to continue from).
+    Returns (dir, resuming): resuming when --resume finds a checkpoint folder `marker` there that this
+    installation signed; any other checkpoint there is refused here, before a worker starts.
     """
     out = Path(cfg.output_dir)
     has_run = (out / "config.json").exists()
@@ -37,7 +38,7 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint.pk
         if differs:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
             raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
-        return out, (out / marker).exists()
+        return out, has_checkpoint(out / marker)
     if has_run and not cfg.resume:
         raise UserError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
     try:

@@ -4,8 +4,10 @@ Each generation asks the optimizer for a population, scores all of it on the few
 ONE oracle request (the oracle spreads its micro-batches over replicas and stages), and tells the
 losses back. API calls are counted as BBT counts them: one candidate on the whole train set. The
 best prompt by train loss is scored on dev every `dev_every` calls; the best by dev is kept. After
-every generation the whole search state is checkpointed atomically, so a killed run resumes to
-exactly the result of an uninterrupted one. No Ray here: the oracle object is the only way out.
+every generation the whole search state is checkpointed atomically (`checkpoint/`: arrays as
+safetensors, the rest as JSON, signed because the optimizer states are pickles; see
+raydapt.outputs), so a killed run resumes to exactly the result of an uninterrupted one. The log
+is cut back to the rows the checkpoint counts when a run starts, resumed or not. No Ray here: the oracle object is the only way out.
 
 Timing: each log row carries `oracle_s` (seconds inside oracle requests) and `coordinator_s`
 (everything else) for the interval since the previous row was written: one generation's ask,
@@ -15,6 +17,7 @@ measurements: they go to the log, the checkpoint and result.json, never into a c
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +28,19 @@ import numpy as np
 from raydapt.bbt.inputs import EncodedTask, Split
 from raydapt.bbt.losses import LOSSES, accuracy
 from raydapt.bbt.space import DeepPromptSpace, PromptSpace
+from raydapt.errors import UserError
 from raydapt.oracle import BlackBoxOracle, Usage
-from raydapt.outputs import append_jsonl, load_pickle, save_pickle, truncate_jsonl
+from raydapt.outputs import append_jsonl, load_checkpoint, save_checkpoint, truncate_jsonl
 from raydapt.search.optimizers import Optimizer, make_optimizer, restore
 
-__all__ = ["SearchState", "PromptSearch"]
+__all__ = ["SearchState", "PromptSearch", "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "checkpoint"  # in the output directory; see raydapt.outputs.save_checkpoint
 
 
 @dataclass
 class SearchState:
-    """Everything a resumed search needs; pickled after every generation."""
+    """Everything a resumed search needs; checkpointed after every generation (arrays, bytes, JSON)."""
     generation: int = 0
     api_calls: int = 0
     optimizers: list[bytes] = field(default_factory=list)
@@ -99,14 +105,21 @@ class PromptSearch:
     def checkpoint(self, state: SearchState) -> None:
         state.optimizers = [opt.state_bytes() for opt in self.optimizers]
         state.oracle_usage = self.oracle.usage.as_dict()
-        save_pickle(self.out_dir / "checkpoint.pkl", state)
+        save_checkpoint(self.out_dir / CHECKPOINT_DIR,
+                        {f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
 
     def resume(self) -> SearchState:
-        state: SearchState = load_pickle(self.out_dir / "checkpoint.pkl")
+        saved = load_checkpoint(self.out_dir / CHECKPOINT_DIR)  # checks the signature, or refuses
+        state = self.fresh_state()  # the same state class (GDFO's has more fields), then overwritten
+        names = {f.name for f in dataclasses.fields(state)}
+        if set(saved) != names:
+            raise UserError(f"--resume: {self.out_dir / CHECKPOINT_DIR} holds the state of another method "
+                            f"(fields {sorted(set(saved) ^ names)} differ)")
+        state = dataclasses.replace(state, **saved)
+        # Signed by this installation (load_checkpoint verified it): only then are the pickles read.
         self.optimizers = [restore(data) for data in state.optimizers]
         if state.oracle_usage is not None:  # a resumed run reports what the whole run was served
             self.oracle.usage = Usage(**state.oracle_usage)
-        truncate_jsonl(self.out_dir / "log.jsonl", state.log_rows)
         return state
 
     # --- the loop ----------------------------------------------------------------------------
@@ -150,6 +163,9 @@ class PromptSearch:
     def run(self, state: SearchState) -> SearchState:
         cfg = self.cfg
         log_path = self.out_dir / "log.jsonl"
+        # Rows the checkpoint does not count (a kill after a row, before its checkpoint, even the
+        # first) and a line torn mid-write are redone; a fresh run counts none.
+        truncate_jsonl(log_path, state.log_rows)
         started = time.perf_counter() - state.elapsed_s
         mark, oracle_mark = time.perf_counter(), self.oracle_seconds  # then: the previous row's write
         while state.api_calls + self.generation_calls(state) <= cfg.budget:
