@@ -1,0 +1,83 @@
+"""--resume never unpickles a checkpoint this installation did not sign; the log matches the checkpoint."""
+from __future__ import annotations
+
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ARGS = ["--quick", "--seed", "7", "--budget", "120", "--dev-every", "40", "--local"]
+
+
+class _Touch:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def _job(home, out, *extra):
+    env = {**__import__("os").environ, "RAYDAPT_HOME": str(home)}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "bbt.py"), *ARGS, "--output-dir", str(out), *extra],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ref") / "run"
+    assert _job(home, out).returncode == 0
+    return home, out
+
+
+def test_crafted_pickle_is_refused_and_never_runs(reference, tmp_path):
+    home, ref = reference
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Touch(probe)))
+    assert probe.exists()  # the payload does run when unpickled
+    marker, run = tmp_path / "pwned", tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((ref / "config.json").read_bytes())
+    (run / "checkpoint.pkl").write_bytes(pickle.dumps(_Touch(marker)))
+    result = _job(home, run, "--resume")
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr[-2000:]
+    assert "was not written by this raydapt installation" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_flipped_byte_is_refused(reference, tmp_path, monkeypatch):
+    import shutil
+
+    from raydapt.errors import UserError
+    from raydapt.outputs import load_checkpoint
+
+    home, ref = reference
+    monkeypatch.setenv("RAYDAPT_HOME", str(home))
+    load_checkpoint(ref / "checkpoint")  # genuine: loads
+    shutil.copytree(ref / "checkpoint", tmp_path / "checkpoint")
+    state = next((tmp_path / "checkpoint").glob("state-*.safetensors"))
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 1
+    state.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="signature missing or wrong"):
+        load_checkpoint(tmp_path / "checkpoint")
+
+
+def test_resume_after_first_row_with_torn_line_equals_uninterrupted(reference, tmp_path):
+    from raydapt.outputs import read_jsonl
+
+    home, ref = reference
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((ref / "config.json").read_bytes())
+    first = (ref / "log.jsonl").read_text().splitlines()[0]
+    (run / "log.jsonl").write_text(first + "\n" + '{"generation": 2, "ap')  # killed before any checkpoint
+    assert len(read_jsonl(run / "log.jsonl")) == 1  # readers skip the torn tail
+    assert _job(home, run, "--resume").returncode == 0
+    untimed = lambda p: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_jsonl(p)]  # noqa: E731
+    assert untimed(run / "log.jsonl") == untimed(ref / "log.jsonl")
+    assert (run / "best_prompt.safetensors").read_bytes() == (ref / "best_prompt.safetensors").read_bytes()
