@@ -5,14 +5,19 @@
 (b) the population scored in one batched request vs. one candidate per request, as BBT's reference
     code does (one forward of the whole train set per candidate), in process and through the pipeline.
 
-    python bench/oracle.py [--model DIR] [--population 20] [--examples 32] [--repeats 5]
+    python bench/oracle.py [--model DIR] [--population 20] [--examples 32] [--repeats 5] [--output FILE.json]
+
+The figures go to --output (default results/bench/oracle.json), which `python -m raydapt.results`
+renders into the README's Performance section.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 from transformers import AutoTokenizer
@@ -22,6 +27,7 @@ from actors.pipeline import LocalPool, PoolSpec, RayPool
 from raydapt.data.tasks import default_task, encode_examples, label_token_ids
 from raydapt.defaults import default_model_dir
 from raydapt.oracle import ShardedOracle
+from raydapt.results import bench_output, machine, write_bench
 
 
 def inputs(model_dir, n_examples: int, prompt_length: int):
@@ -38,7 +44,7 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the built large LM)")
     parser.add_argument("--population", type=int, default=20)
@@ -46,7 +52,12 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=50)
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, default=bench_output("oracle"),
+                        help="where the figures are written as JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if min(args.population, args.examples, args.prompt_length, args.micro_batch, args.repeats) < 1:
+        parser.error("--population, --examples, --prompt-length, --micro-batch and --repeats must be >= 1")
+    load_before = os.getloadavg()
     model_dir = args.model or str(default_model_dir("large"))
     ids, lengths, label_ids = inputs(model_dir, args.examples, args.prompt_length)
     info_dim = LocalPool(PoolSpec(model_dir)).info.embed_dim
@@ -87,8 +98,14 @@ def main() -> None:
           f"{ratios['batched_speedup_in_process']:.2f}x  (goal >= 3x)")
     print("  (b) one-by-one / batched, pipeline     "
           f"{ratios['batched_speedup_pipeline']:.2f}x")
-    print(json.dumps({"median_s": median, "ratios": ratios}))
     ray_pool.shutdown()
+    figures = {"model": model_dir, "population": args.population, "examples": args.examples,
+               "prompt_length": args.prompt_length, "micro_batch": args.micro_batch, "repeats": args.repeats,
+               "mean_input_tokens": float(lengths.mean()), "median_s": median, "ratios": ratios,
+               "machine": machine(load_before)}
+    print(json.dumps(figures))
+    write_bench(args.output, figures)
+    return figures
 
 
 if __name__ == "__main__":

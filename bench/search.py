@@ -15,6 +15,9 @@ is shared; ratios, not times).
 
     python bench/search.py [--model DIR] [--generations 10] [--latency-ms 50] [--repeats 3]
     python bench/search.py --quick          # a smoke run, under a minute
+
+The figures go to --output (default results/bench/search.json), which `python -m raydapt.results`
+renders into the README's Performance section.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from raydapt.bbt.search import PromptSearch
 from raydapt.defaults import default_model_dir
 from raydapt.oracle import ShardedOracle
 from raydapt.outputs import read_jsonl
+from raydapt.results import bench_output, machine, write_bench
 from raydapt.search.optimizers import make_optimizer
 
 FULL = {"generations": 10, "latency_ms": 50.0, "latency_micro_batch": 4, "latency_examples": 0, "repeats": 3}
@@ -180,12 +184,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--latency-examples", type=int, default=None,
                         help="(b) train examples scored (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help=f"(b) timed repeats (default {FULL['repeats']})")
+    parser.add_argument("--output", type=Path, default=bench_output("search"),
+                        help="where the figures are written as JSON (default: %(default)s)")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     sizes = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in FULL}
     if sizes["generations"] < 1 or sizes["repeats"] < 1 or sizes["latency_micro_batch"] < 1 or sizes["latency_ms"] < 0:
         parser.error("--generations, --repeats and --latency-micro-batch must be >= 1, --latency-ms >= 0")
 
+    load_before = os.getloadavg()
     model_dir = args.model or str(default_model_dir("large"))
     cfg = BBTConfig(model=model_dir, micro_batch=args.micro_batch, log_every=10**9)  # the default BBT config otherwise
     data = encoded_task(cfg, args.synthetic)
@@ -218,9 +225,13 @@ def main(argv=None) -> dict:
     print(f"  (b) no latency (compute only):  1 replica {m['no_latency_r1'] * 1000:.0f} ms, "
           f"2 replicas {m['no_latency_r2'] * 1000:.0f} ms -> {b['speedup_no_latency']:.2f}x")
     print(f"  (b) answers identical over replicas and latency: {b['identical']}")
-    figures = {"model": model_dir, "synthetic": args.synthetic, "sizes": sizes, "coordinator": a,
-               "replicas": b, "ratios": ratios}
+    figures = {"model": model_dir, "synthetic": args.synthetic, "sizes": sizes,
+               "bbt": {"popsize": cfg.popsize, "intrinsic_dim": cfg.intrinsic_dim, "prompt_length": cfg.prompt_length,
+                       "train_examples": len(data.train.lengths), "micro_batch": cfg.micro_batch},
+               "coordinator": a,
+               "replicas": b, "ratios": ratios, "quick": args.quick, "machine": machine(load_before)}
     print(json.dumps(figures))
+    write_bench(args.output, figures)
     return figures
 
 

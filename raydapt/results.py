@@ -16,7 +16,38 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["collect", "render", "main"]
+__all__ = ["collect", "render", "main", "bench_output", "machine", "write_bench", "BENCH_DIR"]
+
+# bench/*.py and tests/test_autoscaling.py write their measured figures here (one JSON per bench).
+BENCH_DIR = Path(__file__).resolve().parents[1] / "results" / "bench"
+
+
+def bench_output(name: str) -> Path:
+    """The default --output of bench/<name>.py."""
+    return BENCH_DIR / f"{name}.json"
+
+
+def machine(load_before: tuple[float, float, float]) -> dict:
+    """Where a figure was measured: cores and the 1-minute load average at its start and end."""
+    import os
+    import platform
+    return {"cpus": os.cpu_count(), "load_1min_before": round(load_before[0], 2),
+            "load_1min_after": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "measured_at": _now()}
+
+
+def _now() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_bench(path: Path, figures: dict) -> None:
+    """Write a bench's figures as JSON, whole or not at all."""
+    from raydapt.outputs import write_json
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, figures)
+    print(f"wrote {path}")
 
 
 def collect(runs: Path) -> list[dict]:

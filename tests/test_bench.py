@@ -45,10 +45,15 @@ def test_simulated_latency_only_sleeps(tiny_checkpoints):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_bench_search_quick_prints_its_ratios(tiny_checkpoints, ray_cluster, capsys):
+def test_bench_search_quick_prints_its_ratios(tiny_checkpoints, ray_cluster, capsys, tmp_path):
     directory = tiny_checkpoints["llama"][0]
-    figures = load_bench("search").main(["--quick", "--synthetic", "--model", str(directory)])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    output = tmp_path / "figures" / "search.json"
+    figures = load_bench("search").main(["--quick", "--synthetic", "--model", str(directory), "--output", str(output)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {output}"
+    printed = json.loads(lines[-2])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(figures))  # the file holds what was printed
+    assert figures["machine"]["cpus"] >= 1 and figures["quick"] is True
     assert printed["ratios"] == figures["ratios"]
     ratios = printed["ratios"]
     assert set(ratios) == {"coordinator_over_oracle", "speedup_2_replicas_simulated_latency",
