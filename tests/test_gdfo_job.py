@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bbt_job import SMALL, assert_one_line_error, metrics
+from tests.test_bbt_job import RESUME_CHANGES, SMALL, assert_one_line_error, check_resume_changes, kill_mid_run, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 GDFO = [sys.executable, str(ROOT / "jobs" / "gdfo.py")]
@@ -31,6 +31,9 @@ def test_teacher_weights_never_leave_the_stage_actors(tmp_path):
     result = run([sys.executable, str(ROOT / "tests" / "gdfo_audit.py")], tmp_path / "audit")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["teacher_shapes"]  # e.g. (4096, 256) embeddings, (256, 256) projections
+    # The scan sees numpy arrays (a probe of a teacher shape is found), and the coordinator holds
+    # many (the stages' answers are numpy): no torch tensor and no numpy array of a teacher shape.
+    assert report["control_found"] and report["coordinator_numpy_arrays"] > 0 and report["student_numpy_arrays"] > 0
     assert report["coordinator"] == [] and report["student"] == []
     assert report["student_pid"] != os.getpid() and report["api_calls"] > 0
 
@@ -48,27 +51,26 @@ def test_gdfo_that_never_trusts_its_student_is_bbt(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_gdfo_same_on_1x1_and_2x2_and_after_resume(tmp_path):
-    import signal
-    import time
+def test_gdfo_same_in_process_on_2x2_and_after_a_resume_that_changes_every_neutral_field(tmp_path):
+    from raydapt.bbt.config import RESULT_NEUTRAL_FIELDS
 
-    one, four, killed = tmp_path / "r1s1", tmp_path / "r2s2", tmp_path / "killed"
-    run(GDFO, *SMALL_GDFO, "--output-dir", one)
+    one, four, killed, moved = tmp_path / "local", tmp_path / "r2s2", tmp_path / "killed", tmp_path / "moved"
+    run(GDFO, *SMALL_GDFO, "--local", "--output-dir", one)
     run(GDFO, *SMALL_GDFO, "--replicas", 2, "--stages", 2, "--output-dir", four)
-    # Killed and resumed on Ray too: runs are compared within one backend (in-process runs can take
-    # other float paths than actors, whose thread settings Ray fixes).
-    proc = subprocess.Popen([*GDFO, *SMALL_GDFO, "--output-dir", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = killed / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run(GDFO, *SMALL_GDFO, "--resume", "--output-dir", killed)
-    for other in (four, killed):
-        assert (one / "best_prompt.safetensors").read_bytes() == (other / "best_prompt.safetensors").read_bytes()
+    # Killed in process (kill_mid_run checks result.json is absent), resumed on Ray with every
+    # result-neutral field changed, from a moved directory.
+    before = kill_mid_run([*GDFO, *SMALL_GDFO, "--local"], killed)
+    killed.rename(moved)
+    resumed = run(GDFO, *SMALL_GDFO, *RESUME_CHANGES, "--resume", "--output-dir", moved)
+    check_resume_changes(moved / "config.json", json.loads((moved / "result.json").read_text()), RESULT_NEUTRAL_FIELDS)
+    after = (moved / "log.jsonl").read_text().splitlines()
+    kept = len(after) - sum(line.startswith("gen ") for line in resumed.stdout.splitlines())
+    assert 1 <= kept <= len(before) and after[:kept] == before[:kept]  # continued, not restarted
+    for other in (four, moved):
+        for name in ("best_prompt.safetensors", "student/model.safetensors"):
+            assert (one / name).read_bytes() == (other / name).read_bytes(), (other, name)
         assert metrics(one) == metrics(other)
+        assert len((other / "log.jsonl").read_text().splitlines()) == len((one / "log.jsonl").read_text().splitlines())
     result = json.loads((one / "result.json").read_text())
     assert result["injected_points"] > 0 and -1 <= result["student_agreement_mean"] <= 1
 
@@ -97,3 +99,29 @@ def test_bad_input(tmp_path):
     result = run(GDFO, "--quick", "--student", student_with_another_tokenizer(tmp_path), *out, check=False)
     assert_one_line_error(result, "--student", "exactly one token")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_injected_points_move_the_cma_mean_toward_them(seed):
+    # What GDFO's step does (raydapt/gdfo/search.py): tell CMA-ES the asked population plus the
+    # student's gradient points, with the teacher's losses. Same seed, same population, with and
+    # without the injected points: the mean must differ, and the shift point toward them.
+    import numpy as np
+
+    from raydapt.search.optimizers import CMAOptimizer
+
+    d = 5
+    with_points, without = CMAOptimizer(d, 6, 0.5, seed=seed), CMAOptimizer(d, 6, 0.5, seed=seed)
+    X = with_points.ask()
+    assert np.array_equal(X, without.ask())
+    target = np.ones(d) / np.sqrt(d)
+    injected = np.stack([0.6 * target, 0.8 * target])             # (2, d): better than any asked point
+    loss = lambda Z: ((Z - target) ** 2).sum(-1)                   # noqa: E731
+    assert loss(injected).max() < loss(X).min()
+    with_points.tell(np.vstack([X, injected]), np.concatenate([loss(X), loss(injected)]))
+    without.tell(X, loss(X))
+    shift = with_points.mean() - without.mean()
+    towards = injected.mean(0) - without.mean()
+    assert np.linalg.norm(shift) > 0.1 * np.linalg.norm(towards)
+    assert shift @ towards / (np.linalg.norm(shift) * np.linalg.norm(towards)) > 0.9
+    assert np.linalg.norm(with_points.mean() - injected.mean(0)) < 0.5 * np.linalg.norm(towards)
