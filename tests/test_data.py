@@ -47,7 +47,8 @@ def test_load_parquet_and_json(tmp_path):
 def test_load_errors_name_the_problem(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("text,y\na,1\n")
-    with pytest.raises(UserError, match=r"no label column 'label'; its columns are \['text', 'y'\]"):
+    with pytest.raises(UserError, match=r"no label column 'label' \(--label-column names it\); "
+                                         r"its columns are \['text', 'y'\]"):
         load_task_file(path)
     with pytest.raises(UserError, match="does not exist"):
         load_task_file(tmp_path / "missing.csv")
@@ -162,8 +163,44 @@ def test_encode_examples_truncates_text_from_the_left(tokenizer):
 def test_label_token_ids(tokenizer):
     word_ids = label_token_ids(tokenizer, [" email", " socket"])
     assert [tokenizer.decode([i]) for i in word_ids] == [" email", " socket"]
-    with pytest.raises(UserError, match="verbalizer word ' zebra' is [0-9]+ tokens"):
+    with pytest.raises(UserError, match="label word ' zebra' is [0-9]+ tokens"):
         label_token_ids(tokenizer, [" email", " zebra"])
+
+
+def _offered(message: str) -> list[str]:
+    """The words a multi-token error offers, read back from its one line."""
+    import ast
+    offer = message.split("Single-token words it has: ", 1)[1].split("; or use", 1)[0]
+    return [] if offer == "none found" else list(ast.literal_eval(f"[{offer}]"))
+
+
+def test_a_multi_token_label_word_gets_single_token_alternatives(tokenizer):
+    with pytest.raises(UserError) as e:
+        label_token_ids(tokenizer, [" emails", " socket"])
+    message = str(e.value)
+    assert "\n" not in message and "' emails' is" in message
+    offered = _offered(message)
+    assert " email" in offered  # spelled like the word, and one token (label_token_ids took it above)
+    assert offered and all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in offered)
+    assert " emails" not in offered and all(w.startswith(" ") for w in offered)
+
+
+def test_default_tokenizer_offers_bad_and_ok_for_good():
+    from transformers import AutoTokenizer
+
+    from raydapt.defaults import default_model_dir
+    from raydapt.data.tasks import single_token_alternatives
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir("large"))
+    assert [len(tok.encode(w, add_special_tokens=False)) for w in (" good", " bad", " ok")] == [2, 1, 1]
+    with pytest.raises(UserError) as e:
+        label_token_ids(tok, [" bad", " good"])
+    offered = _offered(str(e.value))
+    assert {" bad", " ok"} <= set(offered) and " good" not in offered
+    assert all(len(tok.encode(w, add_special_tokens=False)) == 1 for w in offered)
+    common, near = single_token_alternatives(tok, "Good")  # no leading space, capitalised: offers the same form
+    assert common and all(w[:1].isupper() and not w.startswith(" ") for w in common)
+    assert all(not w.startswith(" ") for w in near)
 
 
 def test_held_out_split_is_by_path_and_about_the_stated_share():

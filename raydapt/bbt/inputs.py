@@ -91,6 +91,9 @@ def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length
             ids[:, :tokens] = placeholder_ids(tokenizer, placeholder, tokens)
         return Split(ids, lengths, np.asarray(split["label"], dtype=np.int64))
 
+    try:
+        label_ids = label_token_ids(tokenizer, task.verbalizer)
+    except UserError as e:  # the words are --verbalizer's, or the built-in task's own
+        raise UserError(f"--verbalizer: {e}")
     return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),
-                       manual_test=encode(task.test, 0), label_ids=label_token_ids(tokenizer, task.verbalizer),
-                       prompt_offset=0)
+                       manual_test=encode(task.test, 0), label_ids=label_ids, prompt_offset=0)

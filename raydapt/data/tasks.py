@@ -7,6 +7,7 @@ start of each row ("add" mode adds the prompt to their embeddings).
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from raydapt.defaults import assets_dir
 from raydapt.errors import UserError
 
 __all__ = ["Task", "SUPPORTED_EXTENSIONS", "load_task_file", "label_names", "check_label_ids", "few_shot",
-           "load_task", "default_task", "default_task_dir", "encode_examples", "label_token_ids"]
+           "load_task", "default_task", "default_task_dir", "encode_examples", "label_token_ids",
+           "single_token_alternatives", "COMMON_LABEL_WORDS"]
 
 SUPPORTED_EXTENSIONS = (".csv", ".jsonl", ".json", ".parquet")
 
@@ -111,7 +113,8 @@ def load_task_file(path, text_column: str = "text", label_column: str = "label",
     table = _read_table(path)
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in table.column_names:
-            raise UserError(f"{path}: no {role} column {column!r}; its columns are {table.column_names}")
+            raise UserError(f"{path}: no {role} column {column!r} (--{role}-column names it); its columns are "
+                            f"{table.column_names}")
     texts = table.column(text_column).to_pylist()
     if any(t is None for t in texts):
         raise UserError(f"{path}: column {text_column!r} has empty values")
@@ -185,18 +188,54 @@ def default_task(seed: int, k: int = 16) -> Task:
     return load_task(default_task_dir(), seed, k)
 
 
+# Label words prompts commonly use; the ones a tokenizer holds as one token are offered in place of
+# a rejected word (the default tokenizer, trained on Python source, has ' bad', ' no', ' ok', ' true').
+COMMON_LABEL_WORDS = ("good", "great", "bad", "terrible", "positive", "negative", "neutral", "yes", "no", "maybe",
+                      "true", "false", "right", "wrong", "correct", "ok", "fine", "nice", "poor", "awful",
+                      "love", "hate", "happy", "sad", "high", "low", "pass", "fail", "valid", "invalid", "not")
+
+
+def _one_token(tokenizer, word: str) -> bool:
+    return len(tokenizer.encode(word, add_special_tokens=False)) == 1
+
+
+def single_token_alternatives(tokenizer, word: str, n: int = 6) -> tuple[list[str], list[str]]:
+    """Words `tokenizer` holds as one token, to offer in place of the multi-token `word`.
+
+    Returns (common label words, words spelled like `word`): both in `word`'s form (a leading
+    space kept or not, capitalised or not); the second from the vocabulary by difflib, whole
+    alphabetic words only, so a user sees what the tokenizer has near the word they wanted.
+    """
+    space = " " if word.startswith(" ") else ""
+    core = word.strip()
+    case = str.capitalize if core[:1].isupper() else str.lower
+    common = [space + case(w) for w in COMMON_LABEL_WORDS]
+    common = [w for w in dict.fromkeys(common) if w != word and _one_token(tokenizer, w)][:n]
+    pieces = {tokenizer.decode([i]) for i in range(len(tokenizer))}
+    vocab = [t for t in pieces if t.startswith(space) and t[len(space):].isalpha() and len(t.strip()) >= 2
+             and (space or not t.startswith(" ")) and t not in common]
+    near = difflib.get_close_matches(word, vocab, n=3 * n, cutoff=0.7)
+    return common, [w for w in near if _one_token(tokenizer, w)][: n // 2]
+
+
 def label_token_ids(tokenizer, verbalizer: list[str]) -> list[int]:
-    """The token id of each label word; each must be exactly one token of `tokenizer`."""
+    """The token id of each label word; each must be exactly one token of `tokenizer`.
+
+    A word that is not gets a one-line error listing single-token words the tokenizer does hold.
+    """
     ids = []
     for word in verbalizer:
         tokens = tokenizer.encode(word, add_special_tokens=False)
         if len(tokens) != 1:
             pieces = tokenizer.convert_ids_to_tokens(tokens)
-            raise UserError(f"verbalizer word {word!r} is {len(tokens)} tokens {pieces} in this tokenizer; "
-                            "each label word must be exactly one token")
+            common, near = single_token_alternatives(tokenizer, word)
+            offer = ", ".join(repr(w) for w in common + near) or "none found"
+            raise UserError(f"label word {word!r} is {len(tokens)} tokens {pieces} in this tokenizer; each label "
+                            f"word must be exactly one token. Single-token words it has: {offer}; or use a "
+                            "model whose tokenizer has the word")
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
-        raise UserError(f"verbalizer words {verbalizer} map to repeated tokens {ids}")
+        raise UserError(f"label words {verbalizer} map to repeated tokens {ids}")
     return ids
 
 
