@@ -36,8 +36,25 @@ def test_flags_override_file_and_errors_name_the_field(tmp_path):
     with pytest.raises(UserError, match="--student-lr: must be >= 0"):
         parse_args(GDFOConfig, ["--student-lr", "-1"])
     path.write_text("popsiz: 3\n")
-    with pytest.raises(UserError, match="unknown config field"):
+    with pytest.raises(UserError) as e:
         parse_args(BBTConfig, ["--config", str(path)])
+    assert str(e.value).startswith(f"--config: {path}: unknown field 'popsiz' (did you mean 'popsize'?); "
+                                   "accepted: alpha, budget,"), str(e.value)
+    path.write_text("popsiz: 3\nzzz_qqq: 1\n")  # nothing is near zzz_qqq: no suggestion for it
+    with pytest.raises(UserError) as e:
+        parse_args(GDFOConfig, ["--config", str(path)])
+    assert "unknown field 'popsiz' (did you mean 'popsize'?); also unknown: zzz_qqq; accepted:" in str(e.value)
+
+
+def test_missing_checkpoint_directories_name_their_flag(tmp_path):
+    for cls, name in ((BBTConfig, "model"), (GDFOConfig, "student"), (CombLMConfig, "model"), (CombLMConfig, "expert")):
+        with pytest.raises(UserError) as e:
+            cls(**{name: str(tmp_path / "nope")})
+        assert str(e.value).startswith(f"--{name}: {tmp_path / 'nope'} does not exist; "), str(e.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"^--model: .*/file is not a directory"):
+        BBTConfig(model=str(tmp_path / "file"))
+    assert BBTConfig(model=str(tmp_path)).model == str(tmp_path)  # a directory passes (its content is the job's check)
 
 
 def test_every_field_has_help(capsys):
@@ -47,6 +64,26 @@ def test_every_field_has_help(capsys):
     for f in dataclasses.fields(GDFOConfig):
         assert f"--{f.name.replace('_', '-')}" in text
         assert f.metadata.get("doc")
+
+
+@pytest.mark.parametrize("cls", [BBTConfig, GDFOConfig, CombLMConfig])
+def test_help_states_each_default_once(cls, capsys):
+    from raydapt.config import help_text
+
+    with pytest.raises(SystemExit):
+        parse_args(cls, ["--help"], presets={"quick": {}})
+    out = capsys.readouterr().out
+    text = "".join(out.split())  # argparse wraps lines (and breaks at hyphens): compare without whitespace
+    assert "(default: None)" not in out and "(default: False)" not in out  # argparse's own, gone
+    for f in dataclasses.fields(cls):
+        entry = help_text(f)
+        assert "".join(entry.replace("%%", "%").split()) in text
+        assert entry.lower().count("default:") == 1, entry  # the doc's own, or the one appended
+    # The placeholder's default, a newline, is written as Python writes it; an empty default reads ''.
+    if cls is not CombLMConfig:
+        assert "(BBT's p0) [default: '\\n']" in " ".join(out.split())
+        assert "[default: '']" in " ".join(out.split())  # --fault-injection
+    assert out.count("default:") == len(dataclasses.fields(cls))  # --config and --quick state none
 
 
 @pytest.mark.parametrize("cls, values, message", [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raydapt.config import check, check_positive, field
+from raydapt.config import check, check_directory, check_positive, field
 
 __all__ = ["TaskConfig", "BBTConfig", "QUICK", "RESULT_NEUTRAL_FIELDS"]
 
@@ -33,6 +33,7 @@ class TaskConfig:
 
     def __post_init__(self):
         check(self.k_shot >= 1, "k_shot", f"must be >= 1, got {self.k_shot}")
+        check_directory(self.model, "model", "the built large LM")
         # The built-in task brings its own template and label words: these flags only pose --task.
         check(bool(self.task) or not self.test_file, "test_file", "needs --task")
         check(bool(self.task) or self.template == "{text}", "template",

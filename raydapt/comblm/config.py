@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from raydapt.config import check, check_positive, field
+from raydapt.config import check, check_directory, check_positive, field
 
 __all__ = ["CombLMConfig", "QUICK", "RESULT_NEUTRAL_FIELDS", "parse_fault"]
 
@@ -60,6 +60,8 @@ class CombLMConfig:
     fault_injection: str = field("", "kill-worker:after-steps=N kills one Ray Train worker once, at step N")
 
     def __post_init__(self):
+        check_directory(self.model, "model", "the built large LM")
+        check_directory(self.expert, "expert", "the built small LM")
         for name in ("block", "workers", "expert_steps", "expert_batch", "checkpoint_every", "hidden",
                      "layers", "combiner_batch", "combiner_epochs", "stages", "replicas", "micro_batch"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from raydapt.bbt.config import QUICK as BBT_QUICK
 from raydapt.bbt.config import BBTConfig
-from raydapt.config import check, check_positive, field
+from raydapt.config import check, check_directory, check_positive, field
 from raydapt.gdfo.student import StudentSettings
 
 __all__ = ["GDFOConfig", "QUICK"]
@@ -42,6 +42,7 @@ class GDFOConfig(BBTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_directory(self.student, "student", "the built small LM")
         check(self.method == "bbt", "method", "GDFO searches BBT's input prompt; bbtv2 is not supported")
         check(self.mode == "add", "mode", "GDFO uses add mode (the student adds the same z at its slots)")
         check_positive(self.temperature, "temperature")
