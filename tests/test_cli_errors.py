@@ -71,6 +71,27 @@ ROWS = [
     ("jobs/bbt.py", "--no-such-flag 1", ["unrecognized arguments: --no-such-flag"]),
     ("jobs/gdfo.py", "--temperature 0", ["--temperature", "> 0"]),
     ("jobs/comblm.py", "--combiners mean,nope", ["--combiners", "'nope'", "constant_scalar"]),
+    # Point 5 of issue 12: errors that name the flag (and the way forward), on every job they apply to.
+    ("jobs/bbt.py", "--task {no_label_task} --verbalizer ' a, b'",
+     ["--task", "no label column 'label' (--label-column names it)", "['text', 'y']"]),
+    ("jobs/gdfo.py", "--task {no_label_task} --verbalizer ' a, b'", ["--task", "no label column 'label'"]),
+    ("jobs/prompt_tuning.py", "--task {no_label_task} --verbalizer ' a, b'", ["--task", "no label column 'label'"]),
+    ("jobs/bbt.py", "--task {task} --verbalizer ' bad, good'",  # ' good' is 2 tokens of the default tokenizer
+     ["--verbalizer", "' good' is 2 tokens ['Ġgo', 'od']", "Single-token words it has: ' bad', ' no',", "' ok'"]),
+    ("jobs/gdfo.py", "--task {task} --verbalizer ' bad, good'", ["--verbalizer", "--student", "' good' is 2 tokens", "' ok'"]),
+    ("jobs/prompt_tuning.py", "--task {task} --verbalizer ' positive, negative'",
+     ["--verbalizer", "' positive' is 2 tokens", "' ok'"]),
+    ("jobs/bbt.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz' (did you mean 'popsize'?)",
+                                            "accepted: alpha, budget,"]),
+    ("jobs/gdfo.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz' (did you mean 'popsize'?)"]),
+    ("jobs/prompt_tuning.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz'"]),
+    ("jobs/comblm.py", "--config {bad_yaml_comblm}",
+     ["--config", "comblm.yaml: unknown field 'hiden' (did you mean 'hidden'?)"]),
+    ("jobs/bbt.py", "--model {missing}", ["--model", "no-such-checkpoint does not exist", "leave --model out"]),
+    ("jobs/gdfo.py", "--model {missing}", ["--model", "does not exist"]),
+    ("jobs/gdfo.py", "--student {missing}", ["--student", "does not exist", "the built small LM"]),
+    ("jobs/comblm.py", "--model {missing}", ["--model", "does not exist"]),
+    ("jobs/comblm.py", "--expert {blocker}", ["--expert", "is not a directory"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -124,6 +145,9 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
                                                             {"text": "b", "label": "neutral"}]),
         "test_ints": _jsonl(tmp / "test_ints.jsonl", [{"text": "a", "label": 1}]),
         "test_strings": _jsonl(tmp / "test_strings.jsonl", [{"text": "a", "label": "pos"}]),
+        "no_label_task": _jsonl(tmp / "no_label.jsonl", [{"text": t, "y": i % 2} for i, t in enumerate(text)]),
+        "bad_yaml": _write(tmp / "bad.yaml", "popsiz: 12\n"),
+        "bad_yaml_comblm": _write(tmp / "comblm.yaml", "hiden: 64\n"),
         "missing": tmp / "no-such-checkpoint",
         **{kind: _checkpoint(tmp, tiny_checkpoints, kind) for kind in ("bert", "garbage", "truncated")},
         "llama": tiny_checkpoints["llama"][0],
@@ -190,6 +214,50 @@ def test_table_covers_point_4_of_issue_11():
     for flag, jobs in wanted.items():
         have = {Path(e).stem for e, _, fragments in ROWS if not isinstance(e, list) and fragments[0] == flag}
         assert jobs <= have, (flag, jobs - have)
+
+
+def test_table_covers_point_5_of_issue_12():
+    """Each error point 5 names has a row on every job it applies to, whose line names the flag."""
+    def jobs_with(flag: str, text: str) -> set[str]:
+        return {Path(e).stem for e, argv, fragments in ROWS if not isinstance(e, list) and fragments[0] == flag
+                and any(text in f for f in fragments[1:])}
+
+    assert {"bbt", "gdfo", "prompt_tuning"} <= jobs_with("--task", "no label column")
+    assert {"bbt", "gdfo", "prompt_tuning"} <= jobs_with("--verbalizer", "tokens")
+    assert {"bbt", "gdfo", "prompt_tuning", "comblm"} <= jobs_with("--config", "(did you mean") | jobs_with(
+        "--config", "unknown field")
+    assert {"bbt", "gdfo", "comblm"} <= jobs_with("--model", "does not exist")
+    assert {"gdfo"} <= jobs_with("--student", "does not exist")
+
+
+def test_resume_on_a_directory_without_a_run_says_it_starts_fresh(tmp_path, capsys):
+    from raydapt.bbt.config import BBTConfig
+    from raydapt.bbt.job import prepare_output_dir
+
+    out = tmp_path / "empty"
+    out.mkdir()  # an existing directory with nothing in it, as after `mkdir runs/x`
+    for directory in (out, tmp_path / "absent"):
+        assert prepare_output_dir(BBTConfig(output_dir=str(directory), resume=True)) == (directory, False)
+        assert capsys.readouterr().out == f"note: --resume: {directory} holds no run; starting fresh\n"
+        assert (directory / "config.json").is_file()  # it did start fresh
+    # Now a run is there: a resume continues it (no checkpoint yet: nothing to load), and says nothing.
+    assert prepare_output_dir(BBTConfig(output_dir=str(out), resume=True)) == (out, False)
+    assert capsys.readouterr().out == ""
+    # Without --resume a fresh directory gets no note either.
+    prepare_output_dir(BBTConfig(output_dir=str(tmp_path / "plain")))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("entry", ["jobs/bbt.py", "jobs/gdfo.py", "jobs/prompt_tuning.py", "jobs/comblm.py"])
+def test_help_states_each_default_once(entry):
+    result, _ = run_entry_point(entry, ["--help"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = " ".join(result.stdout.split())
+    assert "(default: None)" not in text and "(default: False)" not in text  # argparse's, beside ours
+    model = text.split("--model MODEL ", 1)[1].split(" --", 1)[0]
+    assert model.count("default") == 1, model  # "(default: the built large LM)", stated once
+    if entry != "jobs/comblm.py":
+        assert "(BBT's p0) [default: '\\n']" in text  # --placeholder's newline, visible
 
 
 def test_prompt_tuning_refuses_a_finished_run_and_writes_result_last(tmp_path):

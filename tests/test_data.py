@@ -217,3 +217,20 @@ def test_try_blocks_take_the_first_handler():
     source = ("def f(p):\n    try:\n        fd = open(p)\n\n        x = 1\n    except OSError as e:\n"
               "        pass\n    except ValueError:\n        pass\n    try:\n        g()\n    except:\n        pass\n")
     assert try_blocks(source) == [("try:\n    fd = open(p)\n\n    x = 1", "OSError")]
+
+
+def test_label_word_errors_name_the_flag_that_chose_the_words(tokenizer):
+    from raydapt.bbt.inputs import check_label_words
+    from raydapt.data.tasks import Task
+
+    mine = Task(name="t.csv", template="{text}", verbalizer=[" email", " zebra"], train=None, dev=None, test=None)
+    builtin = Task(name="stdlib-except", template="{text}", verbalizer=[" email", " zebra"], train=None, dev=None,
+                   test=None, builtin=True)
+    assert check_label_words(tokenizer, Task(**{**mine.__dict__, "verbalizer": [" email", " socket"]})) == \
+        label_token_ids(tokenizer, [" email", " socket"])
+    with pytest.raises(UserError, match=r"^--verbalizer: label word ' zebra' is \d+ tokens"):
+        check_label_words(tokenizer, mine)
+    with pytest.raises(UserError, match=r"^--model: the built-in task's label word ' zebra' is \d+ tokens"):
+        check_label_words(tokenizer, builtin)
+    from raydapt.data.tasks import default_task
+    assert default_task(seed=1, k=2).builtin

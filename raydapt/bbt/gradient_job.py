@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from raydapt.bbt.config import TaskConfig
-from raydapt.bbt.inputs import encode_task, load_configured_task
+from raydapt.bbt.inputs import check_label_words, encode_task, load_configured_task
 from raydapt.bbt.losses import accuracy
 from raydapt.config import check, field, to_dict
 from raydapt.errors import UserError
@@ -88,6 +88,7 @@ def run_gradient_job(cfg: GradientConfig) -> dict:
     # Every input check before the model loads: a bad flag costs a second.
     tokenizer = _check_model(cfg.model)
     task = load_configured_task(cfg)
+    check_label_words(tokenizer, task)
     out = _prepare_output_dir(cfg)
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, use_safetensors=True).eval()

@@ -9,7 +9,7 @@ from raydapt.data.tasks import (Task, check_label_ids, default_task, encode_exam
                                 label_token_ids, load_task_file)
 from raydapt.errors import UserError
 
-__all__ = ["Split", "EncodedTask", "load_configured_task", "encode_task", "placeholder_ids"]
+__all__ = ["Split", "EncodedTask", "load_configured_task", "check_label_words", "encode_task", "placeholder_ids"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,15 @@ def placeholder_ids(tokenizer, placeholder: str, length: int) -> list[int]:
     return ids * length
 
 
+def check_label_words(tokenizer, task: Task) -> list[int]:
+    """The label words' token ids, or a one-line error offering single-token words: naming
+    --verbalizer for a user's task, --model for the built-in task (whose words are its own)."""
+    try:
+        return label_token_ids(tokenizer, task.verbalizer)
+    except UserError as e:
+        raise UserError(f"--model: the built-in task's {e}" if task.builtin else f"--verbalizer: {e}")
+
+
 def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length: int,
                 placeholder: str = "\n") -> EncodedTask:
     slots = prompt_length if mode == "add" else 0
@@ -91,9 +100,6 @@ def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length
             ids[:, :tokens] = placeholder_ids(tokenizer, placeholder, tokens)
         return Split(ids, lengths, np.asarray(split["label"], dtype=np.int64))
 
-    try:
-        label_ids = label_token_ids(tokenizer, task.verbalizer)
-    except UserError as e:  # the words are --verbalizer's, or the built-in task's own
-        raise UserError(f"--verbalizer: {e}")
+    label_ids = check_label_words(tokenizer, task)
     return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),
                        manual_test=encode(task.test, 0), label_ids=label_ids, prompt_offset=0)

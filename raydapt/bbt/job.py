@@ -41,6 +41,8 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
         return out, has_checkpoint(out / marker)
     if has_run and not cfg.resume:
         raise UserError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
+    if cfg.resume:  # nothing to continue: say so rather than start fresh silently
+        print(f"note: --resume: {out} holds no run; starting fresh", flush=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

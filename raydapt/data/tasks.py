@@ -7,6 +7,7 @@ start of each row ("add" mode adds the prompt to their embeddings).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Task:
     dev: Dataset
     test: Dataset
     description: str = ""
+    builtin: bool = False  # raydapt's own task, with its own template and label words (no --task)
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -185,7 +187,7 @@ def check_label_ids(labels: list[int], n_classes: int, where: str, exact: bool) 
 
 def default_task(seed: int, k: int = 16) -> Task:
     """The default task (see `raydapt.data.make_default_task`): k-shot train/dev, the fixed test split."""
-    return load_task(default_task_dir(), seed, k)
+    return dataclasses.replace(load_task(default_task_dir(), seed, k), builtin=True)
 
 
 # Label words prompts commonly use; the ones a tokenizer holds as one token are offered in place of

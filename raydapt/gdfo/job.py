@@ -30,7 +30,8 @@ def check_student(cfg) -> None:
     try:
         label_token_ids(tokenizer, words)
     except UserError as e:
-        raise UserError(f"--verbalizer: in the tokenizer of --student {cfg.student}: {e}")
+        raise UserError(f"--verbalizer: in the tokenizer of --student {cfg.student}: {e}" if cfg.task
+                        else f"--student {cfg.student}: the built-in task's {e}")
 
 
 def calls_to_reach(log: list[dict], target: float) -> int | None:
