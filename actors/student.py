@@ -1,71 +1,36 @@
-"""The GDFO student in its own process: it learns from the teacher's answers and hands back
-gradient-refined points, while the teacher (the oracle's stage actors) scores the next population.
+"""The GDFO student as a Ray actor, so that it learns and descends while the stages score.
 
-A plain class; `GDFOSearch` makes it a Ray actor, or uses it in-process with `--local`.
+`GDFOSearch` takes a `start_student(*worker_args)` callable; `student_starter` picks the in-process
+one (`--local`) or this one, at the place a job is launched.
 """
 from __future__ import annotations
 
-import os
-import time
+import ray
 
-import numpy as np
-import torch
+from raydapt.gdfo.worker import InlineStudent, StudentWorker
 
-from raydapt.bbt.space import PromptSpace
-from raydapt.errors import UserError
-from raydapt.gdfo.student import Student, StudentSettings
-
-__all__ = ["StudentWorker"]
+__all__ = ["RayStudent", "student_starter"]
 
 
-class StudentWorker:
-    def __init__(self, student_dir: str, settings: StudentSettings, label_ids: list[int], train: tuple,
-                 intrinsic_dim: int, prompt_length: int, alpha: float, sigma: float, projection: str,
-                 threads: int = 1):
-        from transformers import AutoModelForCausalLM
+class RayStudent:
+    """A `StudentWorker` (or a subclass, for audits) in its own actor, with one CPU."""
 
-        torch.set_num_threads(threads)  # fixed, so results do not depend on where the actor lands
-        torch.manual_seed(settings.seed)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True).float().eval()
-        except OSError as e:
-            raise UserError(f"--student {student_dir}: not a loadable checkpoint ({str(e).splitlines()[0]})")
-        std = float(model.get_input_embeddings().weight.detach().std())
-        space = PromptSpace(intrinsic_dim, prompt_length, model.config.hidden_size, std, settings.seed,
-                            distribution=projection, alpha=alpha, sigma=sigma)
-        self.student = Student(model, space, label_ids, settings)
-        ids, lengths, labels = train
-        self.ids, self.lengths = torch.from_numpy(ids), torch.from_numpy(lengths)
-        self.labels = torch.from_numpy(labels)
-        self.sigma = sigma
+    def __init__(self, *worker_args, worker_cls=StudentWorker):
+        self._actor = ray.remote(worker_cls).options(num_cpus=1).remote(*worker_args)
 
-    def generation(self, predict: np.ndarray, learn: tuple | None, start: np.ndarray | None) -> dict:
-        """One generation's fixed work, in this order:
-        1. learn from the teacher's answers to the previous generation (z (P,d), logits (P,N,K));
-        2. predict the task loss of this generation's points (not yet learned from: an honest
-           forecast, compared with the teacher's losses to decide how far to trust the student);
-        3. descend from `start`, giving the gradient points for the next generation."""
-        began = time.perf_counter()
-        train_loss = None
-        if learn is not None:
-            self.student.add(*learn)
-            train_loss = self.student.train(self.ids, self.lengths, self.labels)
-        predicted = self.student.task_losses(predict, self.ids, self.lengths, self.labels)
-        path = None
-        if start is not None:
-            path = self.student.descend(start, self.ids, self.lengths, self.labels, self.sigma)
-        return {"predicted": predicted, "path": path, "train_loss": train_loss,
-                "compute_s": time.perf_counter() - began, "state": self.student.state_bytes()}
+    def submit(self, method: str, *args) -> "_Pending":
+        return _Pending(getattr(self._actor, method).remote(*args))
 
-    def load_state(self, data: bytes) -> bool:
-        self.student.load_state(data)
-        return True
 
-    def save(self, path: str) -> None:
-        """The distilled student as a safetensors checkpoint directory."""
-        self.student.model.save_pretrained(path, safe_serialization=True)
+class _Pending:
+    """An actor call's result; `ray.get` re-raises the actor's own exception type (a UserError too)."""
 
-    def tensor_shapes(self) -> dict:
-        """What this process holds: its pid and the shape of every student tensor (for audits)."""
-        return {"pid": os.getpid(),
-                "shapes": sorted({tuple(p.shape) for p in self.student.model.state_dict().values()})}
+    def __init__(self, ref):
+        self._ref = ref
+
+    def result(self):
+        return ray.get(self._ref)
+
+
+def student_starter(local: bool):
+    return InlineStudent if local else RayStudent

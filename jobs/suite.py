@@ -48,8 +48,10 @@ def run(job: str, argv: list[str]) -> None:
         run_search_job(parse_args(BBTConfig, argv, presets={"quick": QUICK}))
     elif job == "gdfo":
         from raydapt.gdfo.config import QUICK, GDFOConfig
+        from actors.student import student_starter
         from raydapt.gdfo.job import run_gdfo_job
-        run_gdfo_job(parse_args(GDFOConfig, argv, presets={"quick": QUICK}))
+        cfg = parse_args(GDFOConfig, argv, presets={"quick": QUICK})
+        run_gdfo_job(cfg, student_starter(cfg.local))
     elif job == "comblm":
         from raydapt.comblm.config import QUICK, CombLMConfig
         from raydapt.comblm.job import run_comblm_job

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-import actors.student
+from actors.student import RayStudent
 from raydapt.config import parse_args
 from raydapt.defaults import default_model_dir
 from raydapt.gdfo.config import QUICK, GDFOConfig
 from raydapt.gdfo.job import run_gdfo_job
+from raydapt.gdfo.worker import StudentWorker
 
 
 def held_shapes() -> dict:
@@ -36,7 +37,7 @@ def held_shapes() -> dict:
     return {"torch": sorted(tensors), "numpy": sorted(arrays), "n_numpy": len(seen)}
 
 
-class AuditedStudent(actors.student.StudentWorker):
+class AuditedStudent(StudentWorker):
     """The real student, reporting what its whole process holds instead of its own weights' shapes.
     Defined in __main__, so Ray ships it by value to the student's process."""
 
@@ -60,8 +61,7 @@ if __name__ == "__main__":
     probe = [np.zeros(sorted(teacher)[0], np.float32)]
     control = tuple(probe[0].shape) in held_shapes()["numpy"]
     del probe
-    actors.student.StudentWorker = AuditedStudent
-    result = run_gdfo_job(cfg)
+    result = run_gdfo_job(cfg, lambda *args: RayStudent(*args, worker_cls=AuditedStudent))
     here, student = held_shapes(), result["student_process"]["held"]
     print(json.dumps({
         "teacher_shapes": sorted(teacher), "control_found": control,

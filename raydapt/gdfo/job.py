@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from raydapt.bbt.config import BBTConfig
 from raydapt.bbt.job import plot_curves, run_search_job
 from raydapt.errors import UserError
 from raydapt.gdfo.search import GDFOSearch
+from raydapt.gdfo.worker import InlineStudent
 from raydapt.outputs import read_json, read_jsonl, write_json
 
 __all__ = ["run_gdfo_job", "calls_to_reach", "check_student"]
@@ -40,25 +42,27 @@ def calls_to_reach(log: list[dict], target: float) -> int | None:
 
 
 def _gdfo_result(search: GDFOSearch, state) -> dict:
-    search._get(search._call("save", str(search.out_dir / "student")))
+    search.student.submit("save", str(search.out_dir / "student")).result()
     method = "gdfo" if search.cfg.variant == "gdfo" else "gdfo-gradient-only"
     return {"method": method} | search.summary(state)
 
 
-def run_gdfo_job(cfg) -> dict:
+def run_gdfo_job(cfg, start_student=InlineStudent) -> dict:
+    """GDFO (and by default its BBT baseline); `start_student` runs the student (see `GDFOSearch`)."""
     from raydapt.defaults import default_model_dir
 
     cfg = dataclasses.replace(cfg, student=cfg.student or str(default_model_dir("small")),
                               model=cfg.model or str(default_model_dir("large")))
     check_student(cfg)
+    gdfo_search = functools.partial(GDFOSearch, start_student=start_student)
     if cfg.baseline == "none":
-        return run_search_job(cfg, GDFOSearch, _gdfo_result)
+        return run_search_job(cfg, gdfo_search, _gdfo_result)
     root = Path(cfg.output_dir)
     bbt_fields = {f.name for f in dataclasses.fields(BBTConfig)}
     bbt_cfg = BBTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in bbt_fields})
     runs = {}
     for name, run_cfg, run in (("bbt", bbt_cfg, lambda c: run_search_job(c)),
-                               ("gdfo", cfg, lambda c: run_search_job(c, GDFOSearch, _gdfo_result))):
+                               ("gdfo", cfg, lambda c: run_search_job(c, gdfo_search, _gdfo_result))):
         out = root / name
         sub = dataclasses.replace(run_cfg, output_dir=str(out), resume=cfg.resume)
         runs[name] = read_json(out / "result.json") if (out / "result.json").exists() else run(sub)

@@ -19,6 +19,7 @@ import numpy as np
 from raydapt.bbt.losses import accuracy
 from raydapt.bbt.search import PromptSearch, SearchState
 from raydapt.gdfo.student import spearman
+from raydapt.gdfo.worker import InlineStudent
 
 __all__ = ["GDFOState", "GDFOSearch"]
 
@@ -38,29 +39,14 @@ class GDFOState(SearchState):
 
 
 class GDFOSearch(PromptSearch):
-    def __init__(self, cfg, oracle, data, space, out_dir, progress=print, reporter=None):
+    def __init__(self, cfg, oracle, data, space, out_dir, progress=print, reporter=None,
+                 start_student=InlineStudent):
+        """`start_student(*worker_args)` returns a handle with `submit(method, *args) -> future`:
+        `InlineStudent` (this process) or, from the Ray side, an actor (`actors.student.RayStudent`)."""
         super().__init__(cfg, oracle, data, space, out_dir, progress, reporter)
-        self.student = self._start_student()
-
-    def _start_student(self):
-        from actors.student import StudentWorker
-
-        train = (self.data.train.input_ids, self.data.train.lengths, self.data.train.labels)
-        args = (self.cfg.student, self.cfg.student_settings(), self.data.label_ids, train, self.cfg.intrinsic_dim,
-                self.cfg.prompt_length, self.cfg.alpha, self.cfg.sigma, self.cfg.projection)
-        if self.cfg.local:
-            return _Inline(StudentWorker(*args))
-        import ray
-        return ray.remote(StudentWorker).options(num_cpus=1).remote(*args)
-
-    def _call(self, method: str, *args):
-        return getattr(self.student, method).remote(*args)
-
-    def _get(self, handle):
-        if isinstance(self.student, _Inline):
-            return handle
-        import ray
-        return ray.get(handle)
+        train = (data.train.input_ids, data.train.lengths, data.train.labels)
+        self.student = start_student(cfg.student, cfg.student_settings(), data.label_ids, train, cfg.intrinsic_dim,
+                                     cfg.prompt_length, cfg.alpha, cfg.sigma, cfg.projection)
 
     # --- state -------------------------------------------------------------------------------
     def fresh_state(self) -> GDFOState:
@@ -70,7 +56,7 @@ class GDFOSearch(PromptSearch):
     def resume(self) -> GDFOState:
         state = super().resume()
         if state.student is not None:
-            self._get(self._call("load_state", state.student))
+            self.student.submit("load_state", state.student).result()
         return state
 
     # --- one generation ----------------------------------------------------------------------
@@ -106,7 +92,7 @@ class GDFOSearch(PromptSearch):
         asked = self._population(state)
         injected = self._injections(state, max(0, cfg.budget - state.api_calls - len(asked)))
         z = np.concatenate([asked, injected])                          # (P + n, d)
-        handle = self._call("generation", z, state.learn, self._start_point(state))  # runs beside the teacher
+        pending = self.student.submit("generation", z, state.learn, self._start_point(state))  # runs beside the teacher
         began = time.perf_counter()
         logits = self.score(self.data.train, self.prompts(z))          # (P + n, N, K)
         state.teacher_s += time.perf_counter() - began
@@ -114,7 +100,7 @@ class GDFOSearch(PromptSearch):
         if cfg.variant == "gdfo":
             self.optimizers[0].tell(z, losses)
         waited = time.perf_counter()
-        out = self._get(handle)
+        out = pending.result()
         state.wait_s += time.perf_counter() - waited
         state.student_s += out["compute_s"]
         state.student, state.path, state.learn = out["state"], out["path"], (z.astype(np.float32), logits)
@@ -147,19 +133,5 @@ class GDFOSearch(PromptSearch):
                 "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
                 "teacher_time_s": state.teacher_s,
                 # What the student's process holds: its own tensors only (an audit of the boundary).
-                "student_process": self._get(self._call("tensor_shapes"))}
+                "student_process": self.student.submit("tensor_shapes").result()}
 
-
-class _Inline:
-    """The student in this process, behind the same `.method.remote(...)` calls as an actor."""
-
-    def __init__(self, worker):
-        self._worker = worker
-
-    def __getattr__(self, name):
-        return _Call(getattr(self._worker, name))
-
-
-class _Call:
-    def __init__(self, method):
-        self.remote = method

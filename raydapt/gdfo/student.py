@@ -2,7 +2,8 @@
 same searched z as the black-box teacher, learns to mimic the teacher's label-word distributions,
 and supplies gradients of the task loss with respect to z.
 
-Pure PyTorch, no Ray: `actors.student.StudentWorker` runs it in its own process.
+Pure PyTorch, no Ray: `raydapt.gdfo.worker.StudentWorker` runs it, in this process or (from
+`actors.student`) in its own actor.
 
 Shapes: z (P, d); inputs (N, T) with lengths (N,); label logits (P, N, K).
 """
