@@ -19,7 +19,7 @@ from pathlib import Path
 from raydapt.defaults import raydapt_home
 from raydapt.errors import UserError
 
-__all__ = ["key_path", "sign", "verify"]
+__all__ = ["key_path", "sign", "verify", "seal", "unseal"]
 
 _KEY_BYTES = 32
 
@@ -66,9 +66,13 @@ def _key() -> bytes:
     return key
 
 
+def _mac(data: bytes) -> bytes:
+    return hmac.new(_key(), data, hashlib.sha256).digest()
+
+
 def sign(data: bytes) -> str:
     """The hex HMAC-SHA256 of `data` under this installation's key."""
-    return hmac.new(_key(), data, hashlib.sha256).hexdigest()
+    return _mac(data).hex()
 
 
 def verify(data: bytes, signature: object) -> bool:
@@ -76,3 +80,14 @@ def verify(data: bytes, signature: object) -> bool:
     if not isinstance(signature, str):
         return False
     return hmac.compare_digest(sign(data).encode(), signature.encode("utf-8", "replace"))
+
+
+def seal(payload: bytes) -> bytes:
+    """`payload` behind its HMAC-SHA256 (32 bytes), for bytes that `unseal` hands to an unpickler."""
+    return _mac(payload) + payload
+
+
+def unseal(data: bytes) -> bytes | None:
+    """The payload `seal` wrapped, or None when its HMAC is not this installation's."""
+    mac, payload = data[:32], data[32:]
+    return payload if len(data) >= 32 and hmac.compare_digest(mac, _mac(payload)) else None

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,3 +82,23 @@ def test_resume_after_first_row_with_torn_line_equals_uninterrupted(reference, t
     untimed = lambda p: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_jsonl(p)]  # noqa: E731
     assert untimed(run / "log.jsonl") == untimed(ref / "log.jsonl")
     assert (run / "best_prompt.safetensors").read_bytes() == (ref / "best_prompt.safetensors").read_bytes()
+
+
+def test_optimizer_restore_unpickles_only_sealed_states(tmp_path, monkeypatch):
+    from raydapt.search import make_optimizer, restore
+
+    monkeypatch.setenv("RAYDAPT_HOME", str(tmp_path / "home"))
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match="not an optimizer state sealed by this raydapt installation"):
+        restore(pickle.dumps(_Touch(marker)))
+    assert not marker.exists()
+    opt = make_optimizer("cma", dim=4, popsize=4, budget=100, seed=0, sigma=1.0)
+    sealed = opt.state_bytes()
+    assert np.array_equal(restore(sealed).ask(), opt.ask())  # genuine: restores to the same next ask
+    flipped = bytearray(sealed)
+    flipped[-1] ^= 1
+    with pytest.raises(ValueError, match="sealed by this raydapt installation"):
+        restore(bytes(flipped))
+    monkeypatch.setenv("RAYDAPT_HOME", str(tmp_path / "other-home"))  # another installation's key
+    with pytest.raises(ValueError, match="sealed by this raydapt installation"):
+        restore(sealed)

@@ -28,6 +28,7 @@ import numpy as np
 
 from raydapt.config import check
 from raydapt.errors import UserError
+from raydapt.signing import seal, unseal
 
 __all__ = ["Optimizer", "CMAOptimizer", "NevergradOptimizer", "make_optimizer", "restore", "pycma_seed"]
 
@@ -122,10 +123,11 @@ class _Base:
         return (None if self._best_x is None else self._best_x.copy()), self._best_loss
 
     def state_bytes(self) -> bytes:
-        """The whole optimizer, pickled (library state, private RNG state, best, counters)."""
+        """The whole optimizer, pickled (library state, private RNG state, best, counters) and sealed
+        with this installation's HMAC, so that `restore` unpickles only what raydapt wrote here."""
         buf = io.BytesIO()
         _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump((type(self), self.__dict__))
-        return buf.getvalue()
+        return seal(buf.getvalue())
 
     def __reduce__(self):
         return restore, (self.state_bytes(),)
@@ -232,8 +234,11 @@ def make_optimizer(name: str, dim: int, popsize: int, budget: int, seed: int, si
 
 
 def restore(data: bytes) -> Optimizer:
-    """An optimizer from `state_bytes()`. Pickle: only load checkpoints this project wrote."""
-    obj = pickle.loads(data)
+    """An optimizer from `state_bytes()`; anything this installation did not seal is refused unread."""
+    payload = unseal(data)
+    if payload is None:
+        raise ValueError("not an optimizer state sealed by this raydapt installation; refusing to unpickle it")
+    obj = pickle.loads(payload)
     if not (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], type) and issubclass(obj[0], _Base)):
         raise ValueError(f"not an optimizer state: unpickled a {type(obj).__name__}")
     cls, state = obj
