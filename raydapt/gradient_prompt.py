@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prompted_label_logits", "tune_prompt", "accuracy"]
+from raydapt.models.prompts import add_at_slots
+
+__all__ = ["prompted_label_logits", "tune_prompt"]
 
 
 def _label_logits(model, input_ids: torch.Tensor, lengths: torch.Tensor, prompt: torch.Tensor | None,
@@ -20,8 +22,7 @@ def _label_logits(model, input_ids: torch.Tensor, lengths: torch.Tensor, prompt:
     """(N, K) label-word logits; differentiable in `prompt` (L, D)."""
     embeds = model.get_input_embeddings()(input_ids)  # (N, T, D)
     if prompt is not None:
-        n_prompt = prompt.shape[0]
-        embeds = torch.cat([embeds[:, :n_prompt] + prompt, embeds[:, n_prompt:]], dim=1)
+        embeds = add_at_slots(embeds, prompt)
     # No attention mask: rows are right-padded and attention is causal, so the answer position
     # (lengths - 1) never sees a pad.
     hidden = model.base_model(inputs_embeds=embeds).last_hidden_state  # (N, T, D)
@@ -40,11 +41,6 @@ def prompted_label_logits(model, input_ids, lengths, prompt, label_ids: list[int
     with torch.no_grad():
         return torch.cat([_label_logits(model, input_ids[i: i + batch_size], lengths[i: i + batch_size],
                                         prompt, label_ids) for i in range(0, len(lengths), batch_size)])
-
-
-def accuracy(logits: torch.Tensor, labels) -> float:
-    """Fraction of rows whose largest label logit is the gold label."""
-    return float((logits.argmax(-1) == torch.as_tensor(labels)).float().mean())
 
 
 def tune_prompt(model, input_ids, lengths, labels, label_ids: list[int], prompt_length: int,

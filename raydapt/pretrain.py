@@ -138,7 +138,11 @@ def llama_config(tokenizer, width: int, layers: int, heads: int, ffn: int, conte
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+    """Linear warm-up, then cosine decay to 10% of the peak.
+
+    Not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: its decay is this one, but its
+    warm-up starts at lr 0 (step / n_warm, where this is (step + 1) / n_warm), so step 0 would not
+    train; the shipped default models and CombLM experts were trained with this schedule."""
     n_warm = max(1, int(warmup * steps))
     if step < n_warm:
         return peak * (step + 1) / n_warm

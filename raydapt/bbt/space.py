@@ -148,6 +148,10 @@ def clipped_std(values: np.ndarray, n_sigma: float = 3.0, rounds: int = 5) -> fl
     Each round drops the values farther than n_sigma standard deviations from the mean (as
     astropy's sigma_clip, but centred on the mean), up to `rounds` times or until nothing is
     dropped; returns the population std (ddof=0) of what is left, computed in float64.
+
+    Not `scipy.stats.sigmaclip`: that iterates to convergence with strict bounds, which on the
+    default large LM's block inputs takes 7-9 rounds and gives stds 0.01-0.02% lower; every shipped
+    BBTv2 figure was made with this 5-round rule, and switching would change them all.
     """
     x = np.asarray(values, dtype=np.float64).ravel()
     if x.size == 0:

@@ -140,7 +140,8 @@ def evaluate(cfg: MakeTaskConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydapt.data.tasks import encode_examples, label_token_ids, load_task
-    from raydapt.gradient_prompt import accuracy, prompted_label_logits, tune_prompt
+    from raydapt.bbt.losses import accuracy
+    from raydapt.gradient_prompt import prompted_label_logits, tune_prompt
 
     model_dir = Path(cfg.model_dir) if cfg.model_dir else default_model_dir("large")
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
@@ -155,7 +156,7 @@ def evaluate(cfg: MakeTaskConfig) -> dict:
 
     def acc(split, prompt_tokens, prompt=None):
         ids, lengths = encode_examples(tokenizer, split["text"], template, prompt_tokens, placeholder)
-        return accuracy(prompted_label_logits(model, ids, lengths, prompt, label_ids), split["label"])
+        return accuracy(prompted_label_logits(model, ids, lengths, prompt, label_ids).numpy(), np.asarray(split["label"]))
 
     result = {"model": str(model_dir), "task": str(task_dir), "template": template, "k": cfg.k,
               "chance": 1 / len(label_ids), "manual_test": acc(task.test, 0),

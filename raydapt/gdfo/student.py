@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from raydapt.bbt.space import PromptSpace
+from raydapt.models.prompts import add_at_slots
 
 __all__ = ["StudentSettings", "Student", "distill_loss", "spearman"]
 
@@ -53,13 +54,13 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation with average ranks for ties; 0 when either side is constant."""
-    from scipy.stats import rankdata
+    """scipy's Spearman rank correlation (average ranks for ties); 0 rather than nan when either
+    side is constant, so a flat forecast reads as no agreement."""
+    from scipy.stats import spearmanr
 
-    ra, rb = rankdata(a), rankdata(b)
-    if np.std(ra) == 0 or np.std(rb) == 0:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 class Student:
@@ -93,8 +94,7 @@ class Student:
         prompts = self.prompts(z)[pairs[:, 0]]                        # (R, L, D)
         ids, lens = input_ids[pairs[:, 1]], lengths[pairs[:, 1]]
         embeds = self.model.get_input_embeddings()(ids)               # (R, T, D)
-        length = prompts.shape[1]
-        embeds = torch.cat([embeds[:, :length] + prompts, embeds[:, length:]], dim=1)
+        embeds = add_at_slots(embeds, prompts)
         hidden = self.model.base_model(inputs_embeds=embeds).last_hidden_state
         last = hidden[torch.arange(len(lens)), lens - 1]              # (R, D)
         return self.model.get_output_embeddings()(last)[:, self.label_ids]

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from raydapt.errors import UserError
 from raydapt.models.checkpoint import load_tensors, read_config, tensor_index
 from raydapt.models.families import Family
+from raydapt.models.prompts import add_at_slots
 from raydapt.models.sharding import plan_stages
 
 __all__ = ["Shard", "load_shard", "stage_plan", "DTYPES"]
@@ -81,12 +82,10 @@ class Shard(nn.Module):
         at positions [offset, offset+L) ("add", BBT) or inserted there ("cat"), so T' = T + L."""
         x = self.modules_by_path[self.family.embed_tokens](input_ids)  # (B,T,E)
         if prompt is not None:
-            prompt = prompt.to(x.dtype)
-            length = prompt.shape[1]
             if mode == "add":
-                x = torch.cat([x[:, :offset], x[:, offset:offset + length] + prompt, x[:, offset + length:]], 1)
+                x = add_at_slots(x, prompt, offset)
             else:
-                x = torch.cat([x[:, :offset], prompt, x[:, offset:]], 1)
+                x = torch.cat([x[:, :offset], prompt.to(x.dtype), x[:, offset:]], 1)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.family.embed(self.modules_by_path, x, pos)
 
@@ -98,9 +97,7 @@ class Shard(nn.Module):
         kwargs = self.block_kwargs(hidden)
         for i, block in enumerate(self.blocks):
             if deep_prompt is not None:
-                p = deep_prompt[:, i].to(hidden.dtype)
-                hidden = torch.cat([hidden[:, :offset], hidden[:, offset:offset + p.shape[1]] + p,
-                                    hidden[:, offset + p.shape[1]:]], 1)
+                hidden = add_at_slots(hidden, deep_prompt[:, i], offset)
             out = block(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
