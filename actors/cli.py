@@ -1,4 +1,4 @@
-"""The `raydapt` command."""
+"""The `raydapt` command: library functions run on the runtime `--local` picks."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,8 @@ import sys
 
 from raydapt.config import parse_args
 from raydapt.errors import exit_on_user_error
+
+from actors.runner import runtime_for
 
 __all__ = ["main"]
 
@@ -25,11 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] == "score":
         from raydapt.score import ScoreConfig, run_score
-        summary = run_score(parse_args(ScoreConfig, argv[1:], prog="raydapt score"))
-        print(json.dumps(summary))
+        cfg = parse_args(ScoreConfig, argv[1:], prog="raydapt score")
+        print(json.dumps(run_score(cfg, runtime_for(cfg.local))))
     elif argv[0] == "generate":
         from raydapt.comblm.use import GenerateConfig, run_generate
-        run_generate(parse_args(GenerateConfig, argv[1:], prog="raydapt generate"))
+        cfg = parse_args(GenerateConfig, argv[1:], prog="raydapt generate")
+        run_generate(cfg, runtime_for(cfg.local))
 
 
 if __name__ == "__main__":

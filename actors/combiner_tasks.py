@@ -1,32 +1,11 @@
-"""CombLM's combiners fitted concurrently, one Ray task each.
-
-A task rather than a Ray Train run: a combiner is a few thousand to a few million parameters fitted
-on cached outputs, so one process does it in seconds to a minute; data-parallel
-workers would spend more on start-up and gradient exchange than on the fit. The cached arrays are
-put in the object store once and read zero-copy by every task on a node.
-"""
+"""CombLM's combiners fitted as bare Ray tasks, one each: the baseline `bench/combiners.py` measures
+the Ray Train run (`actors.combiner_trainer`, what jobs use) against, and the reference its test
+compares bits with. The cached arrays are put in the object store once and read zero-copy."""
 from __future__ import annotations
 
-import time
+from raydapt.comblm.combiners import fit_and_evaluate
 
-__all__ = ["fit_and_evaluate", "fit_all"]
-
-
-def fit_and_evaluate(kind: str, fit_arrays: dict, test_arrays: dict, options: dict) -> dict:
-    """Fit one combiner and return its state, losses, test NLLs per split and when it ran."""
-    import torch
-
-    from raydapt.comblm.combiners import combiner_state, evaluate_nll, fit, make_combiner
-
-    began = time.time()
-    torch.set_num_threads(1)
-    combiner = make_combiner(kind, options["vocab_size"], options["seed"], hidden=options["hidden"],
-                             layers=options["layers"])
-    losses = fit(combiner, fit_arrays, batch_tokens=options["batch_tokens"],
-                 epochs=options["epochs"], seed=options["seed"])
-    nll = {split: evaluate_nll(combiner, arrays) for split, arrays in test_arrays.items()}
-    state = {k: v.numpy() for k, v in combiner_state(combiner).items()}
-    return {"kind": kind, "state": state, "losses": losses, "nll": nll, "began": began, "ended": time.time()}
+__all__ = ["fit_all"]
 
 
 def fit_all(jobs: list[tuple[str, str, str]], fits: dict, tests: dict, options: dict) -> dict[str, dict]:

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["train_loop", "fine_tune_expert", "HF_FILES"]
+from raydapt.models.checkpoint import HF_FILES  # the rest of a Ray Train checkpoint is resume state
 
-# Files of the Hugging Face checkpoint directory (the rest of a Ray Train checkpoint is resume state).
-HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json")
+__all__ = ["train_loop", "fine_tune_expert"]
 
 
 def _restore(model, opt, device) -> tuple[int, list[float]]:

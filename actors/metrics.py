@@ -59,13 +59,14 @@ class OracleMetrics:
 
 class SearchMetrics:
     """A prompt search's progress: generation, API budget used and left, best loss, dev metric,
-    and for GDFO the student's agreement with the teacher."""
+    and for GDFO the student's agreement with the teacher. Tagged by method and run, so a GDFO run
+    and its BBT baseline (or two jobs on one cluster) write separate series."""
 
-    def __init__(self, method: str, budget: int):
+    def __init__(self, method: str, budget: int, run: str):
         from ray.util.metrics import Gauge
 
-        keys = ("method",)
-        self.tags = {"method": method}
+        keys = ("method", "run")
+        self.tags = {"method": method, "run": run}
         self.budget = budget
         self.gauges = {name: Gauge(f"raydapt_{name}", doc, tag_keys=keys) for name, doc in (
             ("generation", "generations completed"),

@@ -7,71 +7,18 @@ on micro-batch i+1 while the next works on micro-batch i.
 """
 from __future__ import annotations
 
-import math
-import os
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raydapt.errors import UserError
-from raydapt.models.checkpoint import read_config, tensor_index
-from raydapt.models.shard import DTYPES, stage_plan
-from raydapt.oracle import Budget, ModelInfo, ShardedOracle
+from raydapt.models.checkpoint import model_info
+from raydapt.oracle import Budget, ShardedOracle
+from raydapt.serving import FaultInjection, PoolSpec
 
 from actors.stage import StageWorker
 
-__all__ = ["LocalPool", "RayPool", "PoolSpec", "FaultInjection", "model_info", "open_pool", "local_oracle", "ray_oracle"]
-
-
-def model_info(model_dir: str | Path) -> ModelInfo:
-    config, family = read_config(model_dir)
-    hidden = config.hidden_size
-    embed = getattr(config, "word_embed_proj_dim", None) or hidden
-    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        # Stages use the causal sdpa path without a window: serve only what the window covers.
-        max_positions = min(max_positions, window)
-    return ModelInfo(config.model_type, config.num_hidden_layers, config.vocab_size, embed, hidden, max_positions)
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    """How to serve a model: S stages per replica, R replicas, resources per stage."""
-    model_dir: str
-    stages: int = 1
-    replicas: int = 1
-    cpus_per_stage: float = 1.0
-    gpus_per_stage: float = 0.0
-    dtype: str = "float32"
-    strategy: str = "PACK"
-    threads: int | None = 1
-    # Simulated API latency for benchmarks; 0 in real use. Each replica's first stage sleeps this
-    # long once per micro-batch, the way a remote API adds a fixed delay per call. It only sleeps:
-    # results are identical with or without it. Replicas sleep concurrently (bench/search.py).
-    simulated_latency_ms: float = 0.0
-
-    @property
-    def simulated_latency_s(self) -> float:
-        return self.simulated_latency_ms / 1000.0
-
-    def validate(self) -> None:
-        if not self.simulated_latency_ms >= 0:
-            raise UserError(f"simulated latency must be >= 0 ms, got {self.simulated_latency_ms}")
-        info = model_info(self.model_dir)
-        if self.stages < 1 or self.stages > info.n_layers:
-            raise UserError(f"--stages {self.stages}: the model has {info.n_layers} layers, "
-                            f"so stages must be in [1, {info.n_layers}]")
-        if self.replicas < 1:
-            raise UserError(f"--replicas must be at least 1, got {self.replicas}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype {self.dtype!r} is not one of {list(DTYPES)}")
-        if self.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise UserError(f"--placement {self.strategy!r} is not one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
-        stage_plan(self.model_dir, self.stages)  # reads the checkpoint's shapes: fails early and clearly
-        tensor_index(self.model_dir)  # opens every safetensors header here, before any actor starts
+__all__ = ["LocalPool", "RayPool", "local_oracle", "ray_oracle"]
 
 
 class LocalPool:
@@ -100,29 +47,6 @@ class LocalPool:
 
     def describe(self) -> list[list[dict]]:
         return [[s.describe() for s in chain] for chain in self.replicas]
-
-
-@dataclass(frozen=True)
-class FaultInjection:
-    """`kill-stage:after-calls=N[,stage=S][,replica=R]`: kill that stage actor while oracle request
-    N+1 is in flight (its micro-batches submitted), to check that the run survives it unchanged."""
-    after_calls: int
-    stage: int = 0
-    replica: int = 0
-
-    @staticmethod
-    def parse(text: str) -> "FaultInjection | None":
-        if not text:
-            return None
-        kind, _, rest = text.partition(":")
-        try:
-            fields = dict(item.split("=", 1) for item in rest.split(",") if item)
-            if kind != "kill-stage" or not set(fields) <= {"after-calls", "stage", "replica"}:
-                raise ValueError
-            return FaultInjection(int(fields["after-calls"]), int(fields.get("stage", 0)),
-                                  int(fields.get("replica", 0)))
-        except (ValueError, KeyError):
-            raise UserError(f"--fault-injection {text!r}: expected kill-stage:after-calls=N[,stage=S][,replica=R]")
 
 
 class RayPool:
@@ -226,20 +150,6 @@ class RayPool:
                 self._ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)
-
-
-def open_pool(spec: PoolSpec, local: bool, fault: FaultInjection | None = None) -> LocalPool | RayPool:
-    """In-process stages, or stage actors on the Ray cluster (started locally if none is running)."""
-    if local:
-        if fault:
-            raise UserError("--fault-injection kills a stage actor: it needs Ray (drop --local)")
-        return LocalPool(spec)
-    from actors.cluster import init_ray
-    # A local Ray advertises at least what the pool asks for (+1 for a GDFO student): on a 2-core
-    # laptop, 2 replicas x 2 stages still start; the stages take turns in the pipeline anyway.
-    needed = math.ceil(spec.replicas * spec.stages * spec.cpus_per_stage) + 1
-    init_ray(num_cpus=max(os.cpu_count() or 1, needed))
-    return RayPool(spec, fault)
 
 
 def local_oracle(model_dir: str | Path, stages: int = 1, micro_batch_size: int = 32,

@@ -1,15 +1,15 @@
 """The GDFO student as a Ray actor, so that it learns and descends while the stages score.
 
-`GDFOSearch` takes a `start_student(*worker_args)` callable; `student_starter` picks the in-process
-one (`--local`) or this one, at the place a job is launched.
+`GDFOSearch` takes a `start_student(*worker_args)` callable; `actors.runner`'s runtimes hand it the
+in-process one (`--local`) or this one.
 """
 from __future__ import annotations
 
 import ray
 
-from raydapt.gdfo.worker import InlineStudent, StudentWorker
+from raydapt.gdfo.worker import StudentWorker
 
-__all__ = ["RayStudent", "student_starter"]
+__all__ = ["RayStudent"]
 
 
 class RayStudent:
@@ -31,6 +31,3 @@ class _Pending:
     def result(self):
         return ray.get(self._ref)
 
-
-def student_starter(local: bool):
-    return InlineStudent if local else RayStudent

@@ -23,11 +23,12 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from actors.cluster import init_ray
-from actors.pipeline import LocalPool, PoolSpec, RayPool
+from actors.pipeline import LocalPool, RayPool
 from raydapt.data.tasks import default_task, encode_examples, label_token_ids
 from raydapt.defaults import default_model_dir
 from raydapt.oracle import ShardedOracle
 from raydapt.results import bench_output, machine, write_bench
+from raydapt.serving import PoolSpec
 
 
 def inputs(model_dir, n_examples: int, prompt_length: int):

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from actors.cluster import init_ray
-from actors.pipeline import PoolSpec, model_info, open_pool
+from actors.runner import RayRuntime
+from raydapt.models.checkpoint import model_info
+from raydapt.serving import PoolSpec
 from raydapt.bbt.config import BBTConfig
 from raydapt.bbt.inputs import EncodedTask, Split, encode_task, load_configured_task
 from raydapt.bbt.job import build_space
@@ -76,16 +78,15 @@ def encoded_task(cfg: BBTConfig, synthetic: bool) -> EncodedTask:
 
 def coordinator_overhead(cfg: BBTConfig, data: EncodedTask, generations: int) -> dict:
     """(a): a BBT search as the job runs it (Ray pool, metrics reporters), then its log's timings."""
-    from actors.metrics import OracleMetrics, SearchMetrics
-
     cfg = dataclasses.replace(cfg, budget=(generations + 1) * cfg.popsize)  # +1: the warm-up
-    pool = open_pool(PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,
-                              strategy=cfg.placement), local=False)
+    runtime = RayRuntime()
+    pool = runtime.open_pool(PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,
+                                      strategy=cfg.placement))
     try:
-        oracle = ShardedOracle(pool, cfg.micro_batch, reporter=OracleMetrics())
+        oracle = ShardedOracle(pool, cfg.micro_batch, reporter=runtime.oracle_reporter())
         with tempfile.TemporaryDirectory(prefix="raydapt-bench-") as out:
             search = PromptSearch(cfg, oracle, data, build_space(cfg, oracle, data), Path(out),
-                                  progress=lambda line: None, reporter=SearchMetrics(cfg.method, cfg.budget))
+                                  progress=lambda line: None, reporter=runtime.search_reporter(cfg.method, cfg.budget, "bench"))
             state = search.run(search.fresh_state())
             rows = read_jsonl(Path(out) / "log.jsonl")
     finally:
@@ -138,8 +139,8 @@ def replica_scaling(cfg: BBTConfig, data: EncodedTask, latency_ms: float, micro_
     times, answers, prompts = {}, {}, None
     for latency in (latency_ms, 0.0):
         label = "latency" if latency else "no_latency"
-        pool = open_pool(PoolSpec(cfg.model, replicas=2, cpus_per_stage=cfg.cpus_per_stage,
-                                  simulated_latency_ms=latency), local=False)
+        pool = RayRuntime().open_pool(PoolSpec(cfg.model, replicas=2, cpus_per_stage=cfg.cpus_per_stage,
+                                               simulated_latency_ms=latency))
         try:
             oracles = {r: ShardedOracle(FirstReplicas(pool, r), micro_batch) for r in (1, 2)}
             if prompts is None:

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    from actors.student import RayStudent
+    from actors.runner import RayRuntime
     from raydapt.config import parse_args
     from raydapt.gdfo.config import QUICK, GDFOConfig
     from raydapt.gdfo.job import run_gdfo_job
@@ -57,7 +57,7 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="gdfo-metrics-"))
     cfg = parse_args(GDFOConfig, ["--quick", "--seed", "7", "--baseline", "none", "--output-dir", str(out / "run")],
                      presets={"quick": QUICK})
-    run = threading.Thread(target=run_gdfo_job, args=(cfg, RayStudent))
+    run = threading.Thread(target=run_gdfo_job, args=(cfg, RayRuntime()))
     t0, samples = time.time(), []
     run.start()
     while run.is_alive():

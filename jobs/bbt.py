@@ -7,6 +7,7 @@
 import json
 import sys
 
+from actors.runner import runtime_for
 from raydapt.bbt.config import QUICK, BBTConfig
 from raydapt.bbt.job import run_search_job
 from raydapt.config import parse_args
@@ -19,7 +20,7 @@ SUMMARY = ("method", "optimizer", "seed", "api_calls", "dev_accuracy", "test_acc
 @exit_on_user_error
 def main(argv=None):
     cfg = parse_args(BBTConfig, argv, presets={"quick": QUICK}, prog="jobs/bbt.py")
-    result = run_search_job(cfg)
+    result = run_search_job(cfg, runtime_for(cfg.local))
     print(json.dumps({k: result[k] for k in SUMMARY}, indent=1))
 
 

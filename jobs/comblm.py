@@ -7,6 +7,7 @@
 """
 import sys
 
+from actors.runner import RayRuntime
 from raydapt.comblm.config import QUICK, CombLMConfig
 from raydapt.comblm.job import run_comblm_job
 from raydapt.config import parse_args
@@ -27,7 +28,7 @@ def table(result: dict) -> str:
 @exit_on_user_error
 def main(argv=None):
     cfg = parse_args(CombLMConfig, argv, presets={"quick": QUICK}, prog="jobs/comblm.py")
-    print(table(run_comblm_job(cfg)))
+    print(table(run_comblm_job(cfg, RayRuntime())))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 """
 import sys
 
-from actors.student import student_starter
+from actors.runner import runtime_for
 from raydapt.config import parse_args
 from raydapt.errors import exit_on_user_error
 from raydapt.gdfo.config import QUICK, GDFOConfig
@@ -36,7 +36,7 @@ def table(result: dict) -> str:
 @exit_on_user_error
 def main(argv=None):
     cfg = parse_args(GDFOConfig, argv, presets={"quick": QUICK}, prog="jobs/gdfo.py")
-    print(table(run_gdfo_job(cfg, student_starter(cfg.local))))
+    print(table(run_gdfo_job(cfg, runtime_for(cfg.local))))
 
 
 if __name__ == "__main__":

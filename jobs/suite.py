@@ -40,22 +40,23 @@ NEEDS_RAY = ("comblm",)  # Ray Train and Ray tasks: --local does not apply
 
 
 def run(job: str, argv: list[str]) -> None:
+    from actors.runner import RayRuntime, runtime_for
     from raydapt.config import parse_args
 
     if job == "bbt":
         from raydapt.bbt.config import QUICK, BBTConfig
         from raydapt.bbt.job import run_search_job
-        run_search_job(parse_args(BBTConfig, argv, presets={"quick": QUICK}))
+        cfg = parse_args(BBTConfig, argv, presets={"quick": QUICK})
+        run_search_job(cfg, runtime_for(cfg.local))
     elif job == "gdfo":
         from raydapt.gdfo.config import QUICK, GDFOConfig
-        from actors.student import student_starter
         from raydapt.gdfo.job import run_gdfo_job
         cfg = parse_args(GDFOConfig, argv, presets={"quick": QUICK})
-        run_gdfo_job(cfg, student_starter(cfg.local))
+        run_gdfo_job(cfg, runtime_for(cfg.local))
     elif job == "comblm":
         from raydapt.comblm.config import QUICK, CombLMConfig
         from raydapt.comblm.job import run_comblm_job
-        run_comblm_job(parse_args(CombLMConfig, argv, presets={"quick": QUICK}))
+        run_comblm_job(parse_args(CombLMConfig, argv, presets={"quick": QUICK}), RayRuntime())
     else:
         from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
         run_gradient_job(parse_args(GradientConfig, argv))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from raydapt.errors import UserError
 
-__all__ = ["write_atomic", "write_json", "read_json", "save_checkpoint", "load_checkpoint", "has_checkpoint",
+__all__ = ["write_atomic", "write_json", "read_json", "calls_to_reach", "announce_output", "write_result", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "append_jsonl", "read_jsonl", "truncate_jsonl", "save_tensors"]
 
 CHECKPOINT_FORMAT = "raydapt-checkpoint/1"
@@ -54,6 +55,23 @@ def append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row, sort_keys=True, default=_plain) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def announce_output(out: Path) -> None:
+    """Say where a job writes, as an absolute path: a submitted job's relative --output-dir lands in
+    Ray's unpacked working directory on the head, and its log is where a user finds that out."""
+    print(f"output directory: {Path(out).resolve()}", file=sys.stderr, flush=True)
+
+
+def write_result(out: Path, result: dict) -> None:
+    """result.json, written last (a directory with it holds a finished run), and where it went."""
+    write_json(Path(out) / "result.json", result)
+    print(f"finished: {Path(out).resolve() / 'result.json'}", file=sys.stderr, flush=True)
+
+
+def calls_to_reach(log: list[dict], target: float) -> int | None:
+    """API calls at the first dev scoring of a search log that reached `target` accuracy, or None."""
+    return next((r["api_calls"] for r in log if r.get("dev_accuracy", -1) >= target), None)
 
 
 def read_jsonl(path: Path) -> list[dict]:

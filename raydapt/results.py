@@ -1,8 +1,10 @@
 """Write RESULTS.md from the result.json files that jobs leave in their output directories.
 
-    python -m raydapt.results [--runs results] [--output RESULTS.md]
+    python -m raydapt.results [--runs results] [--output RESULTS.md] [--bench results/bench]
 
-Results are never typed by hand: every number in RESULTS.md is read from a result.json here.
+Results are never typed by hand: every number in RESULTS.md is read from a result.json here, and
+the README's Performance tables and autoscaling timings from the JSON figures in results/bench/
+that bench/*.py and tests/test_autoscaling.py write.
 Runs live in <runs>/<preset>/<name>-seed<N>/; each table row is one <name>, each cell the mean ±
 std over its seeds. GDFO rows are compared with the BBT (pycma) runs of the same seeds: the API
 calls each needed to reach BBT's final dev accuracy.
@@ -16,7 +18,10 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["collect", "render", "main", "bench_output", "machine", "write_bench", "BENCH_DIR"]
+from raydapt.outputs import calls_to_reach, read_jsonl, write_json
+
+__all__ = ["collect", "render", "main", "bench_output", "machine", "write_bench", "BENCH_DIR", "performance_block",
+           "autoscaling_block"]
 
 # bench/*.py and tests/test_autoscaling.py write their measured figures here (one JSON per bench).
 BENCH_DIR = Path(__file__).resolve().parents[1] / "results" / "bench"
@@ -43,7 +48,6 @@ def _now() -> str:
 
 def write_bench(path: Path, figures: dict) -> None:
     """Write a bench's figures as JSON, whole or not at all."""
-    from raydapt.outputs import write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, figures)
@@ -71,13 +75,7 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str
 
 
 def _calls_to_reach(log: Path, target: float) -> int | None:
-    if not log.exists():
-        return None
-    for line in log.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("dev_accuracy", -1) >= target:
-            return row["api_calls"]
-    return None
+    return calls_to_reach(read_jsonl(log), target) if log.exists() else None
 
 
 def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
@@ -180,6 +178,8 @@ def render(results: list[dict]) -> str:
 
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+PERFORMANCE = ("<!-- performance:begin -->", "<!-- performance:end -->")
+AUTOSCALING = ("<!-- autoscaling:begin -->", "<!-- autoscaling:end -->")
 
 
 def readme_block(results: list[dict]) -> str:
@@ -205,27 +205,105 @@ def readme_block(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, block: str) -> None:
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def _where(fig: dict) -> str:
+    m = fig["machine"]
+    return (f"measured {m['measured_at']} on {m['cpus']} CPUs, 1-minute load {m['load_1min_before']} before and "
+            f"{m['load_1min_after']} after")
+
+
+def _oracle_table(fig: dict) -> list[str]:
+    med, r = fig["median_s"], fig["ratios"]
+    return [f"`python bench/oracle.py` (population of {fig['population']} prompts, {fig['prompt_length']} tokens "
+            f"each, on {fig['examples']} examples; medians of {fig['repeats']}; {_where(fig)}):", "",
+            "| measure | ratio | goal |", "|---|---|---|",
+            f"| (a) 2-stage Ray pipeline / the same request in one process | {r['pipeline_vs_in_process']:.2f}x "
+            f"({_ms(med['pipeline_batched'])} vs {_ms(med['in_process_batched'])}) | <= 1.15x |",
+            f"| (b) one candidate per request (BBT's reference code) / the population in one request, in process | "
+            f"{r['batched_speedup_in_process']:.2f}x faster batched ({_ms(med['in_process_one_by_one'])} vs "
+            f"{_ms(med['in_process_batched'])}) | >= 3x |",
+            f"| (b) the same through the pipeline | {r['batched_speedup_pipeline']:.2f}x | |", ""]
+
+
+def _search_table(fig: dict) -> list[str]:
+    a, b = fig["coordinator"], fig["replicas"]
+    m = b["median_s"]
+    return [f"`python bench/search.py` (BBT's default config through a 1 x 1 Ray pipeline; {a['generations']} "
+            f"generations; {_where(fig)}):", "",
+            "| measure | ratio | goal |", "|---|---|---|",
+            f"| coordinator's own time (ask, tell, bookkeeping, checkpoint) / oracle time per generation, median | "
+            f"{a['coordinator_over_oracle']:.2%} ({a['median_coordinator_s'] * 1000:.1f} ms vs "
+            f"{_ms(a['median_oracle_s'])}) | < 5% |",
+            f"| population over 2 replicas vs 1, SIMULATED latency of {b['latency_ms']:g} ms per micro-batch "
+            f"(`PoolSpec.simulated_latency_ms`, a benchmark-only option) | {b['speedup_latency']:.2f}x faster "
+            f"({_ms(m['latency_r2'])} vs {_ms(m['latency_r1'])}) | >= 1.6x |",
+            f"| the same without simulated latency (compute only) | {b['speedup_no_latency']:.2f}x | |", "",
+            f"Answers bitwise identical over 1 and 2 replicas, with and without the delay: {b['identical']}.", ""]
+
+
+def _combiner_table(fig: dict) -> list[str]:
+    return [f"`python bench/combiners.py` ({fig['combiners']} CombLM combiners on {fig['fit_tokens']} fit tokens, "
+            f"vocabulary {fig['vocab']}, {fig['epochs']} epochs; medians of {fig['repeats']}; {_where(fig)}):", "",
+            "| measure | ratio |", "|---|---|",
+            f"| one Ray Train run of {fig['train_workers']} workers (what jobs/comblm.py does) / one Ray task per "
+            f"combiner | {fig['train_over_tasks']:.2f}x ({fig['train_run_s']:.1f} s vs {fig['tasks_s']:.1f} s) |", "",
+            f"Combiner states bitwise identical both ways: {fig['bit_identical']}.", ""]
+
+
+def performance_block(bench_dir: Path) -> str:
+    """The README's Performance tables, from the figures bench/*.py wrote (a bench not run: no table)."""
+    lines = []
+    for name, table in (("oracle", _oracle_table), ("search", _search_table), ("combiners", _combiner_table)):
+        path = Path(bench_dir) / f"{name}.json"
+        if path.exists():
+            lines += table(json.loads(path.read_text()))
+    return "\n".join(lines)
+
+
+def autoscaling_block(bench_dir: Path) -> str:
+    """tests/test_autoscaling.py's timings, as the sentence the README's cluster section carries."""
+    path = Path(bench_dir) / "autoscaling.json"
+    if not path.exists():
+        return ""
+    fig = json.loads(path.read_text())
+    return (f"A 2-stage pool on a head with no CPU made the autoscaler add two worker nodes in "
+            f"{fig['nodes_up_s']:.1f} s (the pool answered {fig['add_s']:.1f} s after it was asked for), the stages "
+            f"answered bitwise equal to an in-process pool ({fig['forward_equal']}), and {fig['remove_s']:.1f} s after "
+            f"the pool was released both nodes were removed as idle ({fig['idle_timeout_s']} s idle timeout; "
+            f"{_where(fig)}).\n")
+
+
+def update_readme(readme: Path, block: str, markers: tuple[str, str] = (README_BEGIN, README_END)) -> None:
+    """Replace what lies between `markers` in the README with `block` (nothing when a marker is missing)."""
     if not readme.exists():
         return
+    begin, end = markers
     text = readme.read_text()
-    if README_BEGIN in text and README_END in text:
-        head, rest = text.split(README_BEGIN, 1)
-        tail = rest.split(README_END, 1)[1]
-        readme.write_text(f"{head}{README_BEGIN}\n{block}{README_END}{tail}")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        readme.write_text(f"{head}{begin}\n{block}{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("results"), help="directory searched for result.json files")
     parser.add_argument("--output", type=Path, default=Path("RESULTS.md"))
+    parser.add_argument("--bench", type=Path, default=BENCH_DIR, help="directory of bench/*.py's figures")
     args = parser.parse_args(argv)
     results = collect(args.runs)
     if not results:
         raise SystemExit(f"error: no result.json under {args.runs}")
     args.output.write_text(render(results))
-    update_readme(args.output.with_name("README.md"), readme_block(results))
-    print(f"wrote {args.output} (and README.md's results block) from {len(results)} runs")
+    readme = args.output.with_name("README.md")
+    update_readme(readme, readme_block(results))
+    update_readme(readme, performance_block(args.bench), PERFORMANCE)
+    update_readme(readme, autoscaling_block(args.bench), AUTOSCALING)
+    print(f"wrote {args.output} (and README.md's results, performance and autoscaling blocks) from "
+          f"{len(results)} runs and {args.bench}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raydapt.comblm.use import CombinedLM
 from raydapt.config import check, field
+from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from raydapt.oracle import TokenScores
+from raydapt.models.checkpoint import model_info
+from raydapt.oracle import ShardedOracle, TokenScores
+from raydapt.serving import PoolSpec, Runtime
 
 __all__ = ["ScoreConfig", "read_corpus", "scores_table", "run_score"]
 
@@ -126,11 +130,8 @@ def _check_output(path: Path) -> None:
         raise UserError(f"--output: {path} cannot be written (permission denied)")
 
 
-def run_score(cfg: ScoreConfig) -> dict:
-    from actors.pipeline import PoolSpec, RayPool, model_info, open_pool
-    from raydapt.defaults import default_model_dir
-    from raydapt.oracle import ShardedOracle
-
+def run_score(cfg: ScoreConfig, runtime: Runtime) -> dict:
+    """Score `cfg.input` through a pool `runtime` opens; write the parquet atomically; a summary."""
     model_dir = Path(cfg.model) if cfg.model else default_model_dir("large")
     output = Path(cfg.output)
     _check_output(output)
@@ -138,11 +139,10 @@ def run_score(cfg: ScoreConfig) -> dict:
     spec.validate()
     info = model_info(model_dir)
     docs = read_corpus(Path(cfg.input), model_dir, info.max_positions, info.vocab_size)
-    pool = open_pool(spec, cfg.local)
+    pool = runtime.open_pool(spec)
     oracle = ShardedOracle(pool, cfg.micro_batch)
     combined, per_request = None, cfg.docs_per_request
     if cfg.combine:
-        from raydapt.comblm.use import CombinedLM
         combined = CombinedLM(cfg.combine, cfg.combiner, oracle)
         per_request = min(per_request, 16)  # full distributions: V floats per position in flight
     tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
@@ -164,6 +164,5 @@ def run_score(cfg: ScoreConfig) -> dict:
     finally:
         if tmp.exists():
             tmp.unlink()
-        if isinstance(pool, RayPool):
-            pool.shutdown()
+        runtime.close_pool(pool)
     return {"docs": len(docs), "positions": int(sum(len(d) - 1 for d in docs)), "usage": oracle.usage.as_dict()}

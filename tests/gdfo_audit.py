@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from actors.runner import RayRuntime
 from actors.student import RayStudent
 from raydapt.config import parse_args
 from raydapt.defaults import default_model_dir
@@ -61,7 +62,7 @@ if __name__ == "__main__":
     probe = [np.zeros(sorted(teacher)[0], np.float32)]
     control = tuple(probe[0].shape) in held_shapes()["numpy"]
     del probe
-    result = run_gdfo_job(cfg, lambda *args: RayStudent(*args, worker_cls=AuditedStudent))
+    result = run_gdfo_job(cfg, RayRuntime(), lambda *args: RayStudent(*args, worker_cls=AuditedStudent))
     here, student = held_shapes(), result["student_process"]["held"]
     print(json.dumps({
         "teacher_shapes": sorted(teacher), "control_found": control,

@@ -8,7 +8,8 @@ import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
-from actors.pipeline import LocalPool, PoolSpec, RayPool
+from actors.pipeline import LocalPool, RayPool
+from raydapt.serving import PoolSpec
 from raydapt.oracle import ShardedOracle
 
 model_dir = sys.argv[1]

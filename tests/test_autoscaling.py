@@ -16,6 +16,7 @@ temporary directory: worker nodes included, no other Ray on the machine touched.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def drive(address: str, model_dir: str) -> dict:
     import numpy as np
     import ray
 
-    from actors.pipeline import LocalPool, PoolSpec, RayPool
+    from actors.pipeline import LocalPool, RayPool
+    from raydapt.serving import PoolSpec
     from raydapt.oracle import ShardedOracle
 
     rng = np.random.default_rng(0)
@@ -80,6 +82,7 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+from raydapt.results import bench_output, machine, write_bench  # noqa: E402
 from tests.conftest import make_checkpoint  # noqa: E402
 from tests.heads import free_port, ray_head, stop_head  # noqa: E402
 
@@ -129,6 +132,7 @@ def fake_cluster(tmp_path):
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_workers_added_for_stages_and_removed_when_idle(fake_cluster, tmp_path):
+    load_before = os.getloadavg()
     model_dir = tmp_path / "llama"
     make_checkpoint("llama", model_dir)
     out = tmp_path / "report.json"
@@ -152,3 +156,8 @@ def test_workers_added_for_stages_and_removed_when_idle(fake_cluster, tmp_path):
     removed = re.findall(r":event_summary:Removing (\d) nodes of type cpu_worker \(idle\)", monitor)
     assert sum(map(int, removed)) == 2, monitor[-3000:]
     assert IDLE_TIMEOUT_S * 0.75 <= report["remove_s"] <= IDLE_TIMEOUT_S + 30, report
+    # The README's autoscaling timings are rendered from results/bench/autoscaling.json (python -m
+    # raydapt.results); RAYDAPT_RECORD=1 records this run's there, otherwise the suite leaves it be.
+    target = bench_output("autoscaling") if os.environ.get("RAYDAPT_RECORD") == "1" else tmp_path / "autoscaling.json"
+    write_bench(target, {k: report[k] for k in ("nodes_up_s", "add_s", "remove_s", "forward_equal")}
+                | {"idle_timeout_s": IDLE_TIMEOUT_S, "machine": machine(load_before)})

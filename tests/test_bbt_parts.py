@@ -235,3 +235,21 @@ def test_make_optimizer_rejects_bad_input(kwargs, field):
 def test_restore_rejects_foreign_pickle():
     with pytest.raises(ValueError, match="not an optimizer"):
         restore(pickle.dumps({"a": 1}))
+
+
+def test_confusion_matrix_and_class_report_known_answers(capsys):
+    from raydapt.bbt.inputs import EncodedTask, Split
+    from raydapt.bbt.job import class_report
+    from raydapt.bbt.losses import confusion_matrix
+    labels = np.array([0, 1, 2, 1])
+    logits = np.array([[1, 0, 0], [0, 1, 0], [2, 0, 0], [3, 0, 1.0]])  # predicts 0, 1, 0, 0
+    assert confusion_matrix(logits, labels).tolist() == [[1, 0, 0], [1, 1, 0], [1, 0, 0]]
+    split = Split(np.zeros((4, 3), np.int64), np.ones(4, np.int64), labels)
+    data = EncodedTask(split, split, split, split, [5, 6, 7], 0, (" a", " b", " c"), ("neg", "pos", "mid"))
+    report = class_report(logits, data)
+    assert report["labels"][1] == {"class": 1, "name": "pos", "word": " b", "token_id": 6}
+    assert report["per_class_accuracy"] == {"0": 1.0, "1": 0.5, "2": 0.0} and report["warnings"] == []
+    one_class = class_report(np.array([[1, 0, 0.0]] * 4), data)
+    assert one_class["warnings"] == ["the prompt predicts class 0 ('neg') for all 4 test inputs; "
+                                     "its test accuracy is that class's share"]
+    assert "warning: the prompt predicts class 0" in capsys.readouterr().err

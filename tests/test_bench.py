@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.pipeline import LocalPool, PoolSpec
+from actors.pipeline import LocalPool
+from raydapt.serving import PoolSpec
 from raydapt.errors import UserError
 from raydapt.oracle import ShardedOracle
 

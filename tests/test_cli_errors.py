@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCORE = ["-m", "raydapt.cli", "score", "--local"]
+SCORE = ["-m", "actors.cli", "score", "--local"]
 
 TASK = "--task {task} --verbalizer ' neg, pos'"  # string labels: neg -> 0, pos -> 1
 
@@ -200,7 +200,7 @@ def test_bad_input(tmp_path, inputs, entry, argv, fragments):
 
 def test_unknown_command():
     # raydapt's own usage goes to stderr before the error line, so this one is not one line.
-    result, _ = run_entry_point(["-m", "raydapt.cli"], ["frobnicate"])
+    result, _ = run_entry_point(["-m", "actors.cli"], ["frobnicate"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: unknown command 'frobnicate'; accepted: score, generate")

@@ -161,7 +161,7 @@ def check_combined_model_scores_and_generates(run: Path, tmp_path: Path) -> None
     corpus = tmp_path / "target.jsonl"
     corpus.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in test))
     scored = tmp_path / "scored.parquet"
-    cli = [sys.executable, "-m", "raydapt.cli"]
+    cli = [sys.executable, "-m", "actors.cli"]
     result = subprocess.run([*cli, "score", "--local", "--combine", str(run), "--combiner", "entropy_scalar",
                              "--input", str(corpus), "--output", str(scored)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -175,3 +175,51 @@ def check_combined_model_scores_and_generates(run: Path, tmp_path: Path) -> None
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.startswith("The with statement") and len(first.stdout) > len("The with statement")
     assert first.stdout == second.stdout  # seeded sampling
+
+
+# Mechanics, not quality: small splits, few steps, three combiners.
+SMALL = ["--quick", "--seed", "4", "--train-tokens", "6000", "--fit-tokens", "3000", "--test-tokens", "1500",
+         "--expert-steps", "12", "--checkpoint-every", "2", "--combiner-epochs", "1", "--hidden", "16",
+         "--combiners", "mean,constant_scalar,entropy_scalar", "--control", "constant_scalar"]
+# Every field CombLM's --resume accepts, changed between the killed leg and the resumed one.
+RESUME_CHANGES = ["--stages", "2", "--replicas", "2", "--cpus-per-stage", "0.5", "--micro-batch", "3",
+                  "--combiner-workers", "1", "--fault-injection", "kill-worker:after-steps=9"]
+
+
+def kill_mid_expert_training(out: Path) -> None:
+    """Start the job, SIGKILL it (its process group: only what it started) once Ray Train has
+    written its first expert checkpoint, before the expert or any combiner is complete."""
+    import os
+    import signal
+    import time
+    proc = subprocess.Popen([*JOB, *SMALL, "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((out / "train").glob("expert/checkpoint_*")):
+        assert proc.poll() is None, "the job ended before it was killed"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "expert").exists() and not (out / "result.json").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_killed_mid_phase_and_resumed_with_every_neutral_field_changed_equals_uninterrupted(tmp_path):
+    from raydapt.comblm.config import RESULT_NEUTRAL_FIELDS
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    result = run_job(*SMALL, "--output-dir", clean)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kill_mid_expert_training(killed)
+    resumed = run_job(*SMALL, *RESUME_CHANGES, "--output-dir", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((d / "result.json").read_text()) for d in (clean, killed))
+    first_leg = json.loads((killed / "config.json").read_text())  # written by the killed leg, kept
+    changed = {k for k in b["config"] if first_leg.get(k) != b["config"][k]}
+    assert changed == set(RESULT_NEUTRAL_FIELDS), changed ^ set(RESULT_NEUTRAL_FIELDS)
+    assert b["worker_failures_injected"] == 1
+    for key in ("perplexity", "general_perplexity", "expert_final_train_loss", "combiner_fit_losses", "tokens"):
+        assert a[key] == b[key], key
+    for name in ("expert/model.safetensors", "combiners/entropy_scalar.safetensors",
+                 "combiners/constant_scalar+untuned.safetensors", "cache/large-fit.safetensors"):
+        assert (clean / name).read_bytes() == (killed / name).read_bytes(), name

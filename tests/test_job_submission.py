@@ -41,7 +41,8 @@ def scrape(url: str) -> dict[str, float]:
 def test_submit_gdfo_with_token_auth(head, tmp_path):
     out = tmp_path / "gdfo"
     submit = [RAY, "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--no-wait",
-              "--", "python", "jobs/gdfo.py", "--quick", "--seed", "7", "--baseline", "none", "--output-dir", str(out)]
+              "--", "python", "jobs/gdfo.py", "--quick", "--seed", "7", "--budget", "120", "--dev-every", "40",
+              "--output-dir", str(out)]
     # Without the token: the jobs API answers 401 before anything runs.
     request = urllib.request.Request(f"{head['dashboard']}/api/jobs/", method="POST",
                                      data=json.dumps({"entrypoint": "python jobs/gdfo.py --quick"}).encode(),
@@ -67,11 +68,16 @@ def test_submit_gdfo_with_token_auth(head, tmp_path):
                           capture_output=True, text=True).stdout
     assert "SUCCEEDED" in status, logs[-3000:]
     seen |= scrape(head["metrics"])
-    result = json.loads((out / "result.json").read_text())
-    assert result["api_calls"] > 0 and result["test_accuracy"] >= 0
+    results = {m: json.loads((out / m / "result.json").read_text()) for m in ("bbt", "gdfo")}
+    assert all(r["api_calls"] > 0 and r["test_accuracy"] >= 0 for r in results.values())
     names = {key.split("{")[0] for key in seen}
-    for name in ("oracle_calls", "oracle_examples", "oracle_tokens", "stage_calls", "stage_rows",
-                 "api_calls_used", "api_budget_left", "best_train_loss", "generation", "student_agreement"):
-        assert any(n.endswith(f"raydapt_{name}") or f"raydapt_{name}_" in n for n in names), (name, sorted(names))
-    used = [v for k, v in seen.items() if "raydapt_api_calls_used" in k]
-    assert max(used) == result["api_calls"]
+    print(sorted(names))
+    for name in ("oracle_calls_total", "oracle_examples_total", "oracle_tokens_total", "stage_calls_total",
+                 "stage_rows_total", "stage_forward_seconds_bucket", "api_calls_used", "api_budget_left",
+                 "best_train_loss", "generation", "student_agreement"):
+        assert f"ray_raydapt_{name}" in names, (name, sorted(names))
+    # GDFO and its BBT baseline write one series each, tagged by method and run.
+    used = {k: v for k, v in seen.items() if k.startswith("ray_raydapt_api_calls_used{")}
+    for method, r in results.items():
+        series = [v for k, v in used.items() if f'method="{method}"' in k and f'run="gdfo/{method}"' in k]
+        assert len(series) == 1 and series[0] == r["api_calls"], (method, used)

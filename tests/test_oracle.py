@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from actors.pipeline import LocalPool, PoolSpec, RayPool, local_oracle
-from raydapt.cli import main as raydapt_main
+from actors.pipeline import LocalPool, RayPool, local_oracle
+from raydapt.serving import PoolSpec
+from actors.cli import main as raydapt_main
 from raydapt.oracle import Budget, BudgetExceededError, ShardedOracle, Usage
 from tests.conftest import FAMILIES
 

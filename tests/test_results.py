@@ -46,3 +46,43 @@ def test_main_writes_results_and_the_readme_block(tmp_path):
     assert "| bbt-cma | bbt | cma | 1 | 100 | 50.00 | 60.00 | 60.00 |" in (tmp_path / "RESULTS.md").read_text()
     readme = (tmp_path / "README.md").read_text()
     assert "old" not in readme and "- BBT (pycma): 60.00" in readme and readme.endswith("bottom\n")
+
+
+def _machine():
+    return {"cpus": 2, "load_1min_before": 1.5, "load_1min_after": 2.0, "platform": "x", "measured_at": "T"}
+
+
+def test_performance_and_autoscaling_blocks_from_known_figures(tmp_path):
+    from raydapt.results import AUTOSCALING, PERFORMANCE, autoscaling_block, performance_block
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "combiners.json").write_text(json.dumps({
+        "combiners": 12, "fit_tokens": 100, "vocab": 64, "epochs": 2, "repeats": 2, "train_workers": 2,
+        "train_run_s": 30.0, "tasks_s": 20.0, "train_over_tasks": 1.5, "bit_identical": True, "machine": _machine()}))
+    (bench / "autoscaling.json").write_text(json.dumps({
+        "nodes_up_s": 5.25, "add_s": 7.0, "remove_s": 12.5, "forward_equal": True, "idle_timeout_s": 12,
+        "machine": _machine()}))
+    perf = performance_block(bench)
+    assert "| one Ray Train run of 2 workers (what jobs/comblm.py does) / one Ray task per combiner | 1.50x " \
+           "(30.0 s vs 20.0 s) |" in perf
+    assert "bench/oracle.py" not in perf  # a bench that was not run gets no table
+    scaling = autoscaling_block(bench)
+    assert "two worker nodes in 5.2 s" in scaling and "12.5 s after" in scaling
+    # main() fills the README's markers from --bench.
+    (tmp_path / "README.md").write_text(f"a\n{PERFORMANCE[0]}\nold\n{PERFORMANCE[1]}\nb\n{AUTOSCALING[0]}\n{AUTOSCALING[1]}\n")
+    runs = tmp_path / "results"
+    write_run(runs, "quick", "bbt-cma", 1, bbt(0.6, 0.6))
+    main(["--runs", str(runs), "--output", str(tmp_path / "RESULTS.md"), "--bench", str(bench)])
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and perf in readme and scaling in readme
+
+
+def test_readme_performance_figures_are_the_rendered_bench_files():
+    """The README's tables are what the renderer makes of results/bench/ now: none typed by hand."""
+    from pathlib import Path
+
+    from raydapt.results import AUTOSCALING, BENCH_DIR, PERFORMANCE, autoscaling_block, performance_block
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for (begin, end), block in ((PERFORMANCE, performance_block(BENCH_DIR)), (AUTOSCALING, autoscaling_block(BENCH_DIR))):
+        assert readme.split(begin, 1)[1].split(end, 1)[0] == f"\n{block}"
+    assert (BENCH_DIR / "oracle.json").exists() and (BENCH_DIR / "search.json").exists()

@@ -19,7 +19,7 @@ from raydapt.bbt.losses import accuracy
 from raydapt.config import check, field, to_dict
 from raydapt.errors import UserError
 from raydapt.gradient_prompt import prompted_label_logits, tune_prompt
-from raydapt.outputs import read_json, save_tensors, write_json
+from raydapt.outputs import announce_output, read_json, save_tensors, write_json, write_result
 
 __all__ = ["GradientConfig", "run_gradient_job"]
 
@@ -75,6 +75,7 @@ def _prepare_output_dir(cfg) -> Path:
     except OSError as e:
         raise UserError(f"--output-dir {out} cannot be created ({e.strerror})")
     write_json(out / "config.json", to_dict(cfg))
+    announce_output(out)
     return out
 
 
@@ -106,5 +107,5 @@ def run_gradient_job(cfg: GradientConfig) -> dict:
               "train_accuracy": acc(data.train, prompt), "dev_accuracy": acc(data.dev, prompt),
               "test_accuracy": acc(data.test, prompt), "manual_prompt_test_accuracy": acc(data.manual_test, None),
               "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg)}
-    write_json(out / "result.json", result)  # last: a directory with result.json holds a finished run
+    write_result(out, result)
     return result

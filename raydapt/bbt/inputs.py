@@ -27,6 +27,8 @@ class EncodedTask:
     manual_test: Split     # the hand-written template alone, without prompt slots
     label_ids: list[int]
     prompt_offset: int     # prompt slots start here (add mode) / the prompt is inserted here (cat)
+    verbalizer: tuple[str, ...] = ()          # class k's label word
+    label_names: tuple[str, ...] | None = None  # class k's name in the task file (string labels)
 
 
 def load_configured_task(cfg) -> Task:
@@ -102,4 +104,10 @@ def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length
 
     label_ids = check_label_words(tokenizer, task)
     return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),
-                       manual_test=encode(task.test, 0), label_ids=label_ids, prompt_offset=0)
+                       manual_test=encode(task.test, 0), label_ids=label_ids, prompt_offset=0,
+                       verbalizer=tuple(task.verbalizer), label_names=_names(task))
+
+
+def _names(task: Task) -> tuple[str, ...] | None:
+    names = label_names(task.train)
+    return tuple(names) if names else None

@@ -7,6 +7,7 @@ directory with result.json holds a finished run.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -14,12 +15,18 @@ import numpy as np
 
 from raydapt.bbt.config import RESULT_NEUTRAL_FIELDS
 from raydapt.bbt.inputs import EncodedTask, encode_task, load_configured_task
-from raydapt.bbt.losses import accuracy, macro_f1
+from raydapt.bbt.losses import accuracy, confusion_matrix, macro_f1
 from raydapt.bbt.search import PromptSearch
 from raydapt.bbt.space import DeepPromptSpace, PromptSpace
 from raydapt.config import to_dict
+from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from raydapt.outputs import has_checkpoint, read_json, read_jsonl, save_tensors, write_json
+from raydapt.models.checkpoint import model_info
+from raydapt.oracle import ShardedOracle
+from raydapt.outputs import (announce_output, has_checkpoint, read_json, read_jsonl, save_tensors, write_json,
+                             write_result)
+from raydapt.search.optimizers import make_optimizer
+from raydapt.serving import FaultInjection, PoolSpec, Runtime
 
 __all__ = ["prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
 
@@ -38,6 +45,7 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
         if differs:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
             raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
+        announce_output(out)
         return out, has_checkpoint(out / marker)
     if has_run and not cfg.resume:
         raise UserError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
@@ -48,7 +56,14 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
     except OSError as e:
         raise UserError(f"--output-dir {out} cannot be created ({e.strerror})")
     write_json(out / "config.json", to_dict(cfg))
+    announce_output(out)
     return out, False
+
+
+def run_id(out: Path) -> str:
+    """A run's name in metrics: its output directory's last two parts (gdfo-7/bbt, gdfo-7/gdfo)."""
+    out = out.resolve()
+    return f"{out.parent.name}/{out.name}"
 
 
 def build_space(cfg, oracle, data: EncodedTask):
@@ -73,13 +88,9 @@ def _encode(cfg, info) -> EncodedTask:
     return encode_task(task, tokenizer, cfg.prompt_length, cfg.mode, info.max_positions, cfg.placeholder)
 
 
-def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
-    """Run (or resume) a search job end to end and return result.json's content."""
-    from actors.pipeline import FaultInjection, PoolSpec, model_info, open_pool
-    from raydapt.defaults import default_model_dir
-    from raydapt.oracle import ShardedOracle
-    from raydapt.search.optimizers import make_optimizer
-
+def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=None, method: str = "") -> dict:
+    """Run (or resume) a search job end to end on `runtime` and return result.json's content.
+    `method` names the run in its metrics (default: cfg.method)."""
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
     started = time.perf_counter()
     # Every input check before any actor starts: a bad flag costs a second, not a cluster launch.
@@ -88,14 +99,15 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
                     strategy=cfg.placement)
     spec.validate()
     fault = FaultInjection.parse(cfg.fault_injection)
+    if fault and runtime.local:
+        raise UserError("--fault-injection kills a stage actor: it needs Ray (drop --local)")
     data = _encode(cfg, model_info(cfg.model))
     out, resuming = prepare_output_dir(cfg)
-    pool = open_pool(spec, cfg.local, fault)
+    pool = runtime.open_pool(spec, fault)
     try:
-        oracle_metrics, search_metrics = None, None
-        if not cfg.local:  # on Ray: export raydapt_* metrics to the dashboard / Prometheus
-            from actors.metrics import OracleMetrics, SearchMetrics
-            oracle_metrics, search_metrics = OracleMetrics(), SearchMetrics(cfg.method, cfg.budget)
+        # On Ray these export raydapt_* metrics to the dashboard / Prometheus; in-process, None.
+        oracle_metrics = runtime.oracle_reporter()
+        search_metrics = runtime.search_reporter(method or cfg.method, cfg.budget, run_id(out))
         oracle = ShardedOracle(pool, cfg.micro_batch, reporter=oracle_metrics)
         search = search_cls(cfg, oracle, data, build_space(cfg, oracle, data), out, reporter=search_metrics)
         state = search.resume() if resuming else search.fresh_state()
@@ -112,6 +124,7 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
             "best_train_loss": state.best_train_loss, "dev_accuracy": state.best_dev_accuracy,
             "test_accuracy": float(accuracy(test_logits, data.test.labels)),
             "test_f1": float(macro_f1(test_logits, data.test.labels)),
+            "test_report": class_report(test_logits, data),
             "manual_prompt_test_accuracy": float(accuracy(manual_logits, data.test.labels)),
             "n_train": len(data.train.labels), "n_dev": len(data.dev.labels), "n_test": len(data.test.labels),
             "oracle_usage": oracle.usage.as_dict(), "search_time_s": state.elapsed_s,
@@ -124,11 +137,33 @@ def run_search_job(cfg, search_cls=PromptSearch, extra_result=None) -> dict:
             result["fault_tolerance"] = pool.fault_report()
         plot_curves(out / "curve.png", {cfg.method.upper(): read_jsonl(out / "log.jsonl")},
                     f"{cfg.method} / {cfg.optimizer}, seed {cfg.seed}")
-        write_json(out / "result.json", result)
+        write_result(out, result)
         return result
     finally:
-        if hasattr(pool, "shutdown"):
-            pool.shutdown()
+        runtime.close_pool(pool)
+
+
+def class_report(logits: np.ndarray, data: EncodedTask) -> dict:
+    """What a user needs to read a test accuracy: which word stands for which class, accuracy per
+    class, the confusion matrix (rows: true class, columns: predicted), and a warning when one
+    class is predicted for every input (accuracy then says little: it is that class's share)."""
+    names = list(data.label_names or data.verbalizer)
+    matrix = confusion_matrix(logits, data.test.labels)
+    support = matrix.sum(axis=1)
+    report = {"labels": [{"class": k, "name": names[k] if k < len(names) else str(k),
+                          "word": data.verbalizer[k] if k < len(data.verbalizer) else None,
+                          "token_id": int(data.label_ids[k])} for k in range(len(data.label_ids))],
+              "per_class_accuracy": {str(k): (float(matrix[k, k] / support[k]) if support[k] else None)
+                                     for k in range(len(support))},
+              "confusion_matrix": matrix.tolist(), "warnings": []}
+    predicted = np.flatnonzero(matrix.sum(axis=0))
+    if len(predicted) == 1 and len(support) > 1:
+        k = int(predicted[0])
+        report["warnings"].append(f"the prompt predicts class {k} ({report['labels'][k]['name']!r}) for all "
+                                  f"{int(support.sum())} test inputs; its test accuracy is that class's share")
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return report
 
 
 def plot_curves(path: Path, logs: dict[str, list[dict]], title: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cross_entropy", "hinge", "accuracy", "macro_f1", "LOSSES", "METRICS"]
+__all__ = ["cross_entropy", "hinge", "accuracy", "confusion_matrix", "macro_f1", "LOSSES", "METRICS"]
 
 
 def _check(logits, labels) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -56,6 +56,15 @@ def accuracy(logits, labels):
     """Fraction of examples whose argmax (first index on ties) is the label. -> (P,)"""
     x, y, single = _check(logits, labels)
     return _out((x.argmax(axis=-1) == y).mean(axis=-1), single)
+
+
+def confusion_matrix(logits, labels) -> np.ndarray:
+    """(K, K) counts of one prompt's predictions: row = true class, column = predicted class."""
+    x, y, single = _check(logits, labels)
+    if not single:
+        raise ValueError("confusion_matrix takes one prompt's (N, K) logits")
+    k = x.shape[2]
+    return np.bincount(y * k + x[0].argmax(axis=-1), minlength=k * k).reshape(k, k)
 
 
 def macro_f1(logits, labels):

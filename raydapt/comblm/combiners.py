@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from raydapt.errors import UserError
 
-__all__ = ["COMBINERS", "LEARNED", "needs_full", "Combiner", "make_combiner", "token_batch",
+__all__ = ["fit_and_evaluate", "COMBINERS", "LEARNED", "needs_full", "Combiner", "make_combiner", "token_batch",
            "mixed_logprobs", "mixed_gold_logprob", "default_lr", "fit", "evaluate_nll", "perplexity",
            "single_nll", "max_prob_oracle_nll", "proxy_tuning_gold_logprob", "proxy_tuning_nll",
            "combiner_state", "load_combiner"]
@@ -309,3 +309,20 @@ def load_combiner(kind: str, vocab_size: int, state: Mapping[str, Tensor], **kw)
         raise UserError(f"saved combiner state does not fit kind={kind!r}, vocab_size={vocab_size}, {kw}: "
                         f"{detail}") from None
     return combiner.eval()
+
+
+def fit_and_evaluate(kind: str, fit_arrays: Mapping[str, np.ndarray], test_arrays: Mapping[str, Mapping],
+                     options: Mapping) -> dict:
+    """Fit one combiner on one thread and return its state (numpy), losses, test NLL per split and
+    when it ran: the unit of work whether a Ray task or a Ray Train worker runs it."""
+    import time
+
+    began = time.time()
+    torch.set_num_threads(1)  # one thread whoever runs it: the same bits on tasks and Train workers
+    combiner = make_combiner(kind, options["vocab_size"], options["seed"], hidden=options["hidden"],
+                             layers=options["layers"])
+    losses = fit(combiner, fit_arrays, batch_tokens=options["batch_tokens"], epochs=options["epochs"],
+                 seed=options["seed"])
+    nll = {split: evaluate_nll(combiner, arrays) for split, arrays in test_arrays.items()}
+    state = {k: v.numpy() for k, v in combiner_state(combiner).items()}
+    return {"kind": kind, "state": state, "losses": losses, "nll": nll, "began": began, "ended": time.time()}

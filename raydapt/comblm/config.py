@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from raydapt.config import check, check_directory, check_positive, field
+from raydapt.serving import parse_fault_spec
 
 __all__ = ["CombLMConfig", "QUICK", "RESULT_NEUTRAL_FIELDS", "parse_fault"]
 
@@ -47,6 +48,8 @@ class CombLMConfig:
     hidden: int = field(512, "width of the entropy/full combiners' ReLU layers")
     layers: int = field(2, "ReLU layers of the entropy/full combiners")
     combiner_batch: int = field(1024, "tokens per combiner Adam step (the paper's 1024)")
+    combiner_workers: int = field(2, "Ray Train workers fitting the combiners; they split the combiners, "
+                                     "so results do not depend on it")
     combiner_epochs: int = field(10, "passes over the fit set (the paper: one pass over a far larger set; "
                                      "ten here give a comparable number of Adam steps)")
     proxy_alpha: float = field(1.0, "proxy-tuning's alpha: large + alpha * (expert - untuned small)")
@@ -62,7 +65,7 @@ class CombLMConfig:
     def __post_init__(self):
         check_directory(self.model, "model", "the built large LM")
         check_directory(self.expert, "expert", "the built small LM")
-        for name in ("block", "workers", "expert_steps", "expert_batch", "checkpoint_every", "hidden",
+        for name in ("block", "workers", "expert_steps", "expert_batch", "checkpoint_every", "hidden", "combiner_workers",
                      "layers", "combiner_batch", "combiner_epochs", "stages", "replicas", "micro_batch"):
             check(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         check(self.block >= 8, "block", f"must be at least 8, got {self.block}")
@@ -90,19 +93,17 @@ class CombLMConfig:
 
 def parse_fault(spec: str) -> int | None:
     """`kill-worker:after-steps=N` -> N (None when empty)."""
-    if not spec:
-        return None
-    kind, _, arg = spec.partition(":")
-    key, _, value = arg.partition("=")
-    check(kind == "kill-worker" and key == "after-steps" and value.isdigit() and int(value) >= 1,
-          "fault_injection", f"{spec!r} is not of the form kill-worker:after-steps=N (N >= 1)")
-    return int(value)
+    fields = parse_fault_spec(spec, "kill-worker", ("after-steps",))
+    return fields["after-steps"] if fields else None
 
 
 # Under 5 minutes on 2 cores including Ray start-up: the same code, smaller splits and fewer steps.
 QUICK = dict(train_tokens=60_000, fit_tokens=12_000, test_tokens=8_000, expert_steps=150, checkpoint_every=50,
              hidden=128)
 
-# Changing these does not change any result, so --resume accepts them.
-RESULT_NEUTRAL_FIELDS = ("resume", "output_dir", "storage_path", "stages", "replicas", "cpus_per_stage",
-                         "gpus_per_stage", "micro_batch", "fault_injection", "cpus_per_worker")
+# Changing these does not change any result, so --resume accepts them: tests/test_comblm.py kills a
+# run mid-phase, resumes it with each changed and compares bytes with an uninterrupted run. Not
+# cpus_per_worker (the expert's thread count can change float sums), gpus_per_stage (another
+# device), output_dir or storage_path (Ray Train's checkpoints live there).
+RESULT_NEUTRAL_FIELDS = ("resume", "stages", "replicas", "cpus_per_stage", "micro_batch", "fault_injection",
+                         "combiner_workers")

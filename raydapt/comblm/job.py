@@ -4,7 +4,8 @@ Phases, each skipped on --resume when its output exists:
   data/*.parquet                 the splits (raydapt.comblm.domains)
   expert/                        the fine-tuned expert (Ray Train), an HF checkpoint directory
   cache/{large,untuned,expert}-{split}.safetensors   per-token outputs of each model
-  combiners/{name}.safetensors   each fitted combiner (one Ray task each); fitted.json: their test
+  combiners/{name}.safetensors   each fitted combiner (one Ray Train run splits them over its
+                                 workers); fitted.json: their test
                                  NLLs and losses, written last
   result.json, perplexity.png    written last: a directory with result.json holds a finished run
 The expert's fine-tuning (a thread driving Ray Train) runs while the large LM scores the fit and
@@ -29,8 +30,12 @@ from raydapt.comblm.combiners import max_prob_oracle_nll, proxy_tuning_nll, sing
 from raydapt.comblm.config import RESULT_NEUTRAL_FIELDS
 from raydapt.comblm.domains import build_splits, load_split, save_split
 from raydapt.config import to_dict
+from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from raydapt.outputs import read_json, write_json
+from raydapt.models.checkpoint import HF_FILES, model_info
+from raydapt.oracle import ShardedOracle
+from raydapt.outputs import read_json, save_tensors, write_json, write_result
+from raydapt.serving import PoolSpec, Runtime
 
 __all__ = ["run_comblm_job", "check_tokenizers", "Timeline"]
 
@@ -116,17 +121,19 @@ def _cached(path: Path, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _train_expert(cfg, out: Path, splits, timeline: Timeline, report: dict) -> None:
-    """Ray Train fine-tuning into out/expert (kept when it is already there)."""
-    from actors.expert_trainer import HF_FILES, fine_tune_expert
+def _storage(cfg, out: Path) -> str:
+    return cfg.storage_path or str((out / "train").resolve())
 
+
+def _train_expert(cfg, runtime: Runtime, out: Path, splits, timeline: Timeline, report: dict) -> None:
+    """Ray Train fine-tuning into out/expert (kept when it is already there)."""
     expert = out / "expert"
     if (expert / "config.json").exists():
         return
     timeline.start("expert_fine_tuning", f"({cfg.workers} Ray Train workers, {cfg.expert_steps} steps)")
-    storage = cfg.storage_path or str((out / "train").resolve())
+    storage = _storage(cfg, out)
     marker = str((out / "fault-injected").resolve())
-    run = fine_tune_expert(cfg, splits["expert_train"], cfg.expert, storage, marker)
+    run = runtime.fine_tune_expert(cfg, splits["expert_train"], cfg.expert, storage, marker)
     tmp = out / ".expert.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -140,22 +147,19 @@ def _train_expert(cfg, out: Path, splits, timeline: Timeline, report: dict) -> N
     timeline.end("expert_fine_tuning", f"(final loss {run['losses'][-1]:.4f})")
 
 
-def _score_large(cfg, out: Path, splits, timeline: Timeline) -> dict[str, dict]:
+def _score_large(cfg, runtime: Runtime, out: Path, splits, timeline: Timeline) -> dict[str, dict]:
     """The black-box LM's answers on the fit and test sets, through the sharded oracle."""
-    from actors.pipeline import PoolSpec, open_pool
-    from raydapt.oracle import ShardedOracle
-
     paths = {s: out / "cache" / f"large-{s}.safetensors" for s in SCORED}
     if all(p.exists() for p in paths.values()):
         return {s: load_cache(p) for s, p in paths.items()}
     timeline.start("large_lm_scoring", f"({cfg.replicas} replica(s) x {cfg.stages} stage(s))")
     spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage)
-    pool = open_pool(spec, local=False)
+    pool = runtime.open_pool(spec)
     try:
         oracle = ShardedOracle(pool, cfg.micro_batch)
         caches = {s: _cached(p, lambda s=s: score_with_oracle(oracle, splits[s], full=True)) for s, p in paths.items()}
     finally:
-        pool.shutdown()
+        runtime.close_pool(pool)
     timeline.end("large_lm_scoring", f"({oracle.usage.tokens} tokens)")
     return caches
 
@@ -176,10 +180,8 @@ def _score_small(name: str, model_dir, out: Path, splits, timeline: Timeline) ->
     return caches
 
 
-def _fit_combiners(cfg, out: Path, caches: dict, vocab_size: int, timeline: Timeline) -> dict[str, dict]:
-    from actors.combiner_tasks import fit_all
-    from raydapt.outputs import save_tensors
-
+def _fit_combiners(cfg, runtime: Runtime, out: Path, caches: dict, vocab_size: int, timeline: Timeline
+                   ) -> dict[str, dict]:
     jobs = [(k, k, "expert") for k in cfg.kinds("combiners")] + \
            [(f"{k}+untuned", k, "untuned") for k in cfg.kinds("control")]
     fits = {small: as_batch(caches[small]["fit"], caches["large"]["fit"]) for small in ("expert", "untuned")}
@@ -191,8 +193,9 @@ def _fit_combiners(cfg, out: Path, caches: dict, vocab_size: int, timeline: Time
         fitted = read_json(summary)
         if sorted(fitted) == sorted(name for name, _, _ in jobs):
             return fitted
-    timeline.start("combiner_fitting", f"({len(jobs)} Ray tasks)")
-    fitted = fit_all(jobs, fits, tests, options)
+    workers = min(cfg.combiner_workers, len(jobs))
+    timeline.start("combiner_fitting", f"({len(jobs)} combiners on {workers} Ray Train workers)")
+    fitted = runtime.fit_combiners(jobs, fits, tests, options, workers, _storage(cfg, out))
     (out / "combiners").mkdir(exist_ok=True)
     for name, res in fitted.items():
         save_tensors(out / "combiners" / f"{name}.safetensors", res.pop("state") or {"empty": np.zeros(0, np.float32)},
@@ -249,12 +252,9 @@ def plot_perplexities(path: Path, ppl: dict, title: str) -> None:
     plt.close(fig)
 
 
-def run_comblm_job(cfg) -> dict:
-    """Run (or resume) CombLM end to end and return result.json's content."""
-    from actors.cluster import init_ray
-    from actors.pipeline import PoolSpec, model_info
-    from raydapt.defaults import default_model_dir
-
+def run_comblm_job(cfg, runtime: Runtime) -> dict:
+    """Run (or resume) CombLM end to end on `runtime` (Ray Train and tasks: `actors.runner.RayRuntime`)
+    and return result.json's content."""
     timeline = Timeline()
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")),
                               expert=cfg.expert or str(default_model_dir("small")))
@@ -270,16 +270,16 @@ def run_comblm_job(cfg) -> dict:
     cache_size = _check_cache_size(cfg, splits, info.vocab_size)
     (out / "cache").mkdir(exist_ok=True)
     cpus = math.ceil(cfg.workers * cfg.cpus_per_worker + cfg.replicas * cfg.stages * cfg.cpus_per_stage)
-    init_ray(num_cpus=max(cpus, 2), dashboard=True)  # Ray Train's state queries need the dashboard
+    runtime.start(cpus, dashboard=True)  # Ray Train's state queries need the dashboard
 
     report: dict = {}
     with ThreadPoolExecutor(1) as pool:  # Ray Train fine-tunes while this thread has the oracle score
-        trainer = pool.submit(_train_expert, cfg, out, splits, timeline, report)
-        caches = {"large": _score_large(cfg, out, splits, timeline)}
+        trainer = pool.submit(_train_expert, cfg, runtime, out, splits, timeline, report)
+        caches = {"large": _score_large(cfg, runtime, out, splits, timeline)}
         caches["untuned"] = _score_small("untuned", cfg.expert, out, splits, timeline)
         trainer.result()  # re-raises what fine-tuning raised
     caches["expert"] = _score_small("expert", out / "expert", out, splits, timeline)
-    fitted = _fit_combiners(cfg, out, caches, info.vocab_size, timeline)
+    fitted = _fit_combiners(cfg, runtime, out, caches, info.vocab_size, timeline)
 
     ppl = _perplexities(cfg, caches, fitted)
     kinds = cfg.kinds("combiners")
@@ -297,7 +297,7 @@ def run_comblm_job(cfg) -> dict:
         "timeline": timeline.summary(wall), "wall_time_s": wall, "config": to_dict(cfg), **report,
     }
     plot_perplexities(out / "perplexity.png", ppl, f"CombLM, seed {cfg.seed}, fit mix {cfg.fit_mix}")
-    write_json(out / "result.json", result)
+    write_result(out, result)
     return result
 
 

@@ -20,6 +20,8 @@ from raydapt.comblm.combiners import load_combiner, mixed_logprobs
 from raydapt.config import check, field
 from raydapt.errors import UserError
 from raydapt.models.heads import token_stats
+from raydapt.oracle import ShardedOracle
+from raydapt.serving import PoolSpec, Runtime
 
 __all__ = ["CombinedLM", "GenerateConfig", "run_config", "run_generate"]
 
@@ -116,18 +118,15 @@ class GenerateConfig:
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
 
 
-def run_generate(cfg: GenerateConfig) -> str:
-    from actors.pipeline import PoolSpec, open_pool
-    from raydapt.oracle import ShardedOracle
-
+def run_generate(cfg: GenerateConfig, runtime: Runtime) -> str:
+    """Sample from the run's combined model, the large LM served by a pool `runtime` opens."""
     run = Path(cfg.run)
     model = run_config(run)["model"]
-    pool = open_pool(PoolSpec(model), cfg.local)
+    pool = runtime.open_pool(PoolSpec(model))
     try:
         combined = CombinedLM(run, cfg.combiner, ShardedOracle(pool, micro_batch_size=1))
         text = combined.generate(cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.seed)
     finally:
-        if hasattr(pool, "shutdown"):
-            pool.shutdown()
+        runtime.close_pool(pool)
     print(text, file=sys.stdout)
     return text

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from raydapt.bbt.config import BBTConfig
 from raydapt.bbt.job import plot_curves, run_search_job
+from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.gdfo.search import GDFOSearch
-from raydapt.gdfo.worker import InlineStudent
-from raydapt.outputs import read_json, read_jsonl, write_json
+from raydapt.outputs import calls_to_reach, read_json, read_jsonl, write_json
+from raydapt.serving import Runtime
 
-__all__ = ["run_gdfo_job", "calls_to_reach", "check_student"]
+__all__ = ["run_gdfo_job", "check_student"]
 
 
 def check_student(cfg) -> None:
@@ -36,33 +37,31 @@ def check_student(cfg) -> None:
                         else f"--student {cfg.student}: the built-in task's {e}")
 
 
-def calls_to_reach(log: list[dict], target: float) -> int | None:
-    """API calls at the first dev scoring that reached `target` accuracy, or None."""
-    return next((r["api_calls"] for r in log if r.get("dev_accuracy", -1) >= target), None)
+def _method(cfg) -> str:
+    return "gdfo" if cfg.variant == "gdfo" else "gdfo-gradient-only"
 
 
 def _gdfo_result(search: GDFOSearch, state) -> dict:
     search.student.submit("save", str(search.out_dir / "student")).result()
-    method = "gdfo" if search.cfg.variant == "gdfo" else "gdfo-gradient-only"
-    return {"method": method} | search.summary(state)
+    return {"method": _method(search.cfg)} | search.summary(state)
 
 
-def run_gdfo_job(cfg, start_student=InlineStudent) -> dict:
-    """GDFO (and by default its BBT baseline); `start_student` runs the student (see `GDFOSearch`)."""
-    from raydapt.defaults import default_model_dir
-
+def run_gdfo_job(cfg, runtime: Runtime, start_student=None) -> dict:
+    """GDFO (and by default its BBT baseline) on `runtime`; the student runs where
+    `runtime.student_starter()` puts it unless `start_student` says otherwise (see `GDFOSearch`)."""
     cfg = dataclasses.replace(cfg, student=cfg.student or str(default_model_dir("small")),
                               model=cfg.model or str(default_model_dir("large")))
     check_student(cfg)
-    gdfo_search = functools.partial(GDFOSearch, start_student=start_student)
+    gdfo_search = functools.partial(GDFOSearch, start_student=start_student or runtime.student_starter())
     if cfg.baseline == "none":
-        return run_search_job(cfg, gdfo_search, _gdfo_result)
+        return run_search_job(cfg, runtime, gdfo_search, _gdfo_result, _method(cfg))
     root = Path(cfg.output_dir)
     bbt_fields = {f.name for f in dataclasses.fields(BBTConfig)}
     bbt_cfg = BBTConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in bbt_fields})
     runs = {}
-    for name, run_cfg, run in (("bbt", bbt_cfg, lambda c: run_search_job(c)),
-                               ("gdfo", cfg, lambda c: run_search_job(c, gdfo_search, _gdfo_result))):
+    for name, run_cfg, run in (("bbt", bbt_cfg, lambda c: run_search_job(c, runtime)),
+                               ("gdfo", cfg, lambda c: run_search_job(c, runtime, gdfo_search, _gdfo_result,
+                                                                      _method(c)))):
         out = root / name
         sub = dataclasses.replace(run_cfg, output_dir=str(out), resume=cfg.resume)
         runs[name] = read_json(out / "result.json") if (out / "result.json").exists() else run(sub)

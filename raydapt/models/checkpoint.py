@@ -14,8 +14,13 @@ from transformers import AutoConfig, PretrainedConfig
 
 from raydapt.errors import UserError
 from raydapt.models.families import SUPPORTED_MODEL_TYPES, Family, family_for
+from raydapt.oracle import ModelInfo
 
-__all__ = ["read_config", "tensor_index", "load_tensors"]
+__all__ = ["read_config", "model_info", "tensor_index", "load_tensors", "HF_FILES"]
+
+# The files of a Hugging Face checkpoint directory that raydapt copies (weights, config, tokenizer).
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json")
 
 
 def read_config(model_dir: str | Path) -> tuple[PretrainedConfig, Family]:
@@ -34,6 +39,19 @@ def read_config(model_dir: str | Path) -> tuple[PretrainedConfig, Family]:
         raise UserError(f"unsupported architecture {model_type!r} in {path / 'config.json'}; "
                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return AutoConfig.from_pretrained(path), family
+
+
+def model_info(model_dir: str | Path) -> ModelInfo:
+    """What an oracle over this checkpoint serves: layers, vocabulary, widths, usable context."""
+    config, _ = read_config(model_dir)
+    hidden = config.hidden_size
+    embed = getattr(config, "word_embed_proj_dim", None) or hidden
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        # Stages use the causal sdpa path without a window: serve only what the window covers.
+        max_positions = min(max_positions, window)
+    return ModelInfo(config.model_type, config.num_hidden_layers, config.vocab_size, embed, hidden, max_positions)
 
 
 def tensor_index(model_dir: str | Path) -> dict[str, Path]:
