@@ -12,6 +12,7 @@ from actors.runner import runtime_for
 __all__ = ["main"]
 
 COMMANDS = {"score": "score a corpus with a sharded model and write per-token parquet",
+            "classify": "apply a finished BBT/GDFO run's learned prompt to new inputs, write parquet",
             "generate": "sample text from a finished CombLM run's combined model"}
 
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         from raydapt.score import ScoreConfig, run_score
         cfg = parse_args(ScoreConfig, argv[1:], prog="raydapt score")
         print(json.dumps(run_score(cfg, runtime_for(cfg.local))))
+    elif argv[0] == "classify":
+        from raydapt.bbt.classify import ClassifyConfig, run_classify
+        cfg = parse_args(ClassifyConfig, argv[1:], prog="raydapt classify")
+        print(json.dumps(run_classify(cfg, runtime_for(cfg.local))))
     elif argv[0] == "generate":
         from raydapt.comblm.use import GenerateConfig, run_generate
         cfg = parse_args(GenerateConfig, argv[1:], prog="raydapt generate")

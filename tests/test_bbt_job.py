@@ -142,3 +142,30 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     (out / "config.json").write_text(json.dumps(saved | {"popsize": 99}))
     result = run_job("--quick", "--local", "--output-dir", out, "--resume", check=False)
     assert_one_line_error(result, "--resume", "different config", "popsize")
+
+
+def test_classify_applies_the_learned_prompt_with_the_jobs_test_accuracy(tmp_path):
+    """`raydapt classify` on a finished run's own test set gives exactly its test accuracy, from
+    best_prompt.safetensors alone (model, template, words and mode are in its header)."""
+    import pyarrow.parquet as pq
+
+    from raydapt.bbt.config import BBTConfig
+    from raydapt.bbt.inputs import load_configured_task
+    run = tmp_path / "run"
+    run_job("--quick", "--local", "--seed", "3", "--budget", "60", "--dev-every", "20", "--output-dir", run)
+    result = json.loads((run / "result.json").read_text())
+    test = load_configured_task(BBTConfig(**{k: v for k, v in result["config"].items() if k != "resume"})).test
+    names = [entry["name"] for entry in result["test_report"]["labels"]]
+    lines = tmp_path / "test.jsonl"
+    lines.write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(test["text"], test["label"])))
+    out = tmp_path / "predicted.parquet"
+    done = subprocess.run([sys.executable, "-m", "actors.cli", "classify", "--local", "--run", str(run),
+                           "--input", str(lines), "--output", str(out)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["inputs"] == len(test) and summary["accuracy"] == result["test_accuracy"]
+    table = pq.read_table(out).to_pydict()
+    assert set(table["predicted"]) <= set(names) and len(table["predicted_class"]) == len(test)
+    matrix = result["test_report"]["confusion_matrix"]  # its column sums: how often each class was predicted
+    assert [table["predicted_class"].count(k) for k in range(len(names))] == [sum(col) for col in zip(*matrix)]

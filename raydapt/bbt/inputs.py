@@ -9,7 +9,8 @@ from raydapt.data.tasks import (Task, check_label_ids, default_task, encode_exam
                                 label_token_ids, load_task_file)
 from raydapt.errors import UserError
 
-__all__ = ["Split", "EncodedTask", "load_configured_task", "check_label_words", "encode_task", "placeholder_ids"]
+__all__ = ["Split", "EncodedTask", "load_configured_task", "check_label_words", "encode_task", "encode_texts",
+           "placeholder_ids"]
 
 
 @dataclass(frozen=True)
@@ -90,21 +91,28 @@ def check_label_words(tokenizer, task: Task) -> list[int]:
         raise UserError(f"--model: the built-in task's {e}" if task.builtin else f"--verbalizer: {e}")
 
 
+def encode_texts(texts: list[str], labels, tokenizer, template: str, prompt_length: int, mode: str,
+                 max_length: int, placeholder: str = "\n", with_slots: bool = True) -> Split:
+    """Inputs as a search scores them: `prompt_length` placeholder slots first in "add" mode (none in
+    "cat", where the prompt is inserted, nor for the hand-written template alone: with_slots=False).
+    The one encoding of jobs and of `raydapt classify`, so a learned prompt meets the inputs it saw."""
+    tokens = prompt_length if mode == "add" and with_slots else 0
+    ids, lengths = encode_examples(tokenizer, list(texts), template, tokens, placeholder_id=tokenizer.pad_token_id,
+                                   max_length=max_length - (prompt_length if mode == "cat" else 0))
+    if tokens:
+        ids[:, :tokens] = placeholder_ids(tokenizer, placeholder, tokens)
+    return Split(ids, lengths, np.asarray(labels, dtype=np.int64))
+
+
 def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length: int,
                 placeholder: str = "\n") -> EncodedTask:
-    slots = prompt_length if mode == "add" else 0
-
-    def encode(split, tokens: int) -> Split:
-        ids, lengths = encode_examples(tokenizer, list(split["text"]), task.template, tokens,
-                                       placeholder_id=tokenizer.pad_token_id,
-                                       max_length=max_length - (prompt_length if mode == "cat" else 0))
-        if tokens:
-            ids[:, :tokens] = placeholder_ids(tokenizer, placeholder, tokens)
-        return Split(ids, lengths, np.asarray(split["label"], dtype=np.int64))
+    def encode(split, with_slots: bool = True) -> Split:
+        return encode_texts(split["text"], split["label"], tokenizer, task.template, prompt_length, mode, max_length,
+                            placeholder, with_slots)
 
     label_ids = check_label_words(tokenizer, task)
-    return EncodedTask(train=encode(task.train, slots), dev=encode(task.dev, slots), test=encode(task.test, slots),
-                       manual_test=encode(task.test, 0), label_ids=label_ids, prompt_offset=0,
+    return EncodedTask(train=encode(task.train), dev=encode(task.dev), test=encode(task.test),
+                       manual_test=encode(task.test, False), label_ids=label_ids, prompt_offset=0,
                        verbalizer=tuple(task.verbalizer), label_names=_names(task))
 
 

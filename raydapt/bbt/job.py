@@ -7,6 +7,7 @@ directory with result.json holds a finished run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,18 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
     write_json(out / "config.json", to_dict(cfg))
     announce_output(out)
     return out, False
+
+
+def prompt_metadata(cfg, data: EncodedTask) -> dict[str, str]:
+    """Everything needed to apply a learned prompt to new inputs, kept in its safetensors header:
+    the model, how inputs are encoded (template, placeholder, mode, prompt length) and what the
+    label words mean. Lists are JSON (safetensors metadata holds strings only)."""
+    task = load_configured_task(cfg)
+    return {"method": cfg.method, "mode": "deep" if cfg.method == "bbtv2" else cfg.mode, "input_mode": cfg.mode,
+            "model": str(Path(cfg.model).resolve()), "template": task.template, "placeholder": cfg.placeholder,
+            "prompt_length": str(cfg.prompt_length), "prompt_offset": str(data.prompt_offset),
+            "verbalizer": json.dumps(list(data.verbalizer)), "label_ids": json.dumps([int(i) for i in data.label_ids]),
+            "label_names": json.dumps(list(data.label_names or data.verbalizer))}
 
 
 def run_id(out: Path) -> str:
@@ -117,7 +130,7 @@ def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=
         test_logits = search.score(data.test, prompt[None])[0]
         manual_logits = oracle.label_logits(data.manual_test.input_ids, data.manual_test.lengths, data.label_ids)[0]
         save_tensors(out / "best_prompt.safetensors", {"z": best.astype(np.float32), "prompt": prompt},
-                     metadata={"method": cfg.method, "mode": "deep" if cfg.method == "bbtv2" else cfg.mode})
+                     metadata=prompt_metadata(cfg, data))
         result = {
             "method": cfg.method, "optimizer": cfg.optimizer, "seed": cfg.seed, "budget": cfg.budget,
             "api_calls": state.api_calls, "generations": state.generation,
