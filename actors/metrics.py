@@ -2,6 +2,8 @@
 dashboard. The library reports through plain hook objects; these are the Ray-backed ones."""
 from __future__ import annotations
 
+import functools
+
 from raydapt.oracle import Usage
 
 __all__ = ["StageMetrics", "OracleMetrics", "SearchMetrics", "TrainerMetrics"]
@@ -30,19 +32,42 @@ class StageMetrics:
         self.latency.observe(seconds, self.tags)
 
 
+# Each metric is created once per process and told apart by its tags: a second instrument of the
+# same name replaces the first in Ray's recorder, and a value set shortly before is then never
+# exported (a BBT baseline's last api_calls_used was lost when its GDFO run began).
+@functools.cache
+def _oracle_instruments() -> tuple:
+    from ray.util.metrics import Counter, Histogram
+
+    return (Counter("raydapt_oracle_calls", "API calls served (one prompt on one batch)"),
+            Counter("raydapt_oracle_examples", "examples scored"),
+            Counter("raydapt_oracle_tokens", "tokens scored"),
+            Histogram("raydapt_oracle_request_seconds", "latency of one oracle request", boundaries=LATENCY_BUCKETS),
+            Counter("raydapt_oracle_stage_restarts", "stage actors restarted after a failure"),
+            Counter("raydapt_oracle_retried_micro_batches", "micro-batches re-run after a failure"))
+
+
+@functools.cache
+def _search_gauges() -> dict:
+    from ray.util.metrics import Gauge
+
+    return {name: Gauge(f"raydapt_{name}", doc, tag_keys=("method", "run")) for name, doc in (
+        ("generation", "generations completed"),
+        ("api_calls_used", "API calls spent by the search"),
+        ("api_budget_left", "API calls left in the search budget"),
+        ("best_train_loss", "best train loss so far"),
+        ("dev_accuracy", "dev accuracy at the last dev scoring"),
+        ("best_dev_accuracy", "best dev accuracy so far"),
+        ("student_agreement", "Spearman rho of the student's forecast vs the teacher's losses"),
+        ("student_wait_seconds", "coordinator time blocked on the student, cumulative"),
+    )}
+
+
 class OracleMetrics:
     """The oracle as an API: calls, examples, tokens served, request latency, budget."""
 
     def __init__(self):
-        from ray.util.metrics import Counter, Histogram
-
-        self.calls = Counter("raydapt_oracle_calls", "API calls served (one prompt on one batch)")
-        self.examples = Counter("raydapt_oracle_examples", "examples scored")
-        self.tokens = Counter("raydapt_oracle_tokens", "tokens scored")
-        self.latency = Histogram("raydapt_oracle_request_seconds", "latency of one oracle request",
-                                 boundaries=LATENCY_BUCKETS)
-        self.restarts = Counter("raydapt_oracle_stage_restarts", "stage actors restarted after a failure")
-        self.retried = Counter("raydapt_oracle_retried_micro_batches", "micro-batches re-run after a failure")
+        self.calls, self.examples, self.tokens, self.latency, self.restarts, self.retried = _oracle_instruments()
 
     def request(self, cost: Usage, seconds: float) -> None:
         self.calls.inc(cost.calls)
@@ -63,21 +88,9 @@ class SearchMetrics:
     and its BBT baseline (or two jobs on one cluster) write separate series."""
 
     def __init__(self, method: str, budget: int, run: str):
-        from ray.util.metrics import Gauge
-
-        keys = ("method", "run")
         self.tags = {"method": method, "run": run}
         self.budget = budget
-        self.gauges = {name: Gauge(f"raydapt_{name}", doc, tag_keys=keys) for name, doc in (
-            ("generation", "generations completed"),
-            ("api_calls_used", "API calls spent by the search"),
-            ("api_budget_left", "API calls left in the search budget"),
-            ("best_train_loss", "best train loss so far"),
-            ("dev_accuracy", "dev accuracy at the last dev scoring"),
-            ("best_dev_accuracy", "best dev accuracy so far"),
-            ("student_agreement", "Spearman rho of the student's forecast vs the teacher's losses"),
-            ("student_wait_seconds", "coordinator time blocked on the student, cumulative"),
-        )}
+        self.gauges = _search_gauges()
 
     def generation(self, row: dict) -> None:
         values = {"generation": row["generation"], "api_calls_used": row["api_calls"],

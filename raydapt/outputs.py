@@ -23,7 +23,7 @@ import numpy as np
 
 from raydapt.errors import UserError
 
-__all__ = ["write_atomic", "write_json", "read_json", "calls_to_reach", "announce_output", "write_result", "save_checkpoint", "load_checkpoint", "has_checkpoint",
+__all__ = ["write_atomic", "check_parquet_output", "write_json", "read_json", "calls_to_reach", "announce_output", "write_result", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "append_jsonl", "read_jsonl", "truncate_jsonl", "save_tensors"]
 
 CHECKPOINT_FORMAT = "raydapt-checkpoint/1"
@@ -39,6 +39,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def check_parquet_output(path: Path) -> None:
+    """--output must be a writable .parquet path in an existing directory: checked before any work."""
+    if path.suffix != ".parquet":
+        raise UserError(f"--output: {path} must end in .parquet")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"--output: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"--output: {path} cannot be written (permission denied)")
 
 
 def write_json(path: Path, value: Any) -> None:

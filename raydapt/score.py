@@ -21,6 +21,7 @@ from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.models.checkpoint import model_info
 from raydapt.oracle import ShardedOracle, TokenScores
+from raydapt.outputs import check_parquet_output
 from raydapt.serving import PoolSpec, Runtime
 
 __all__ = ["ScoreConfig", "read_corpus", "scores_table", "run_score"]
@@ -120,21 +121,11 @@ def scores_table(scores: TokenScores, input_ids: np.ndarray, first_doc: int,
     return pa.table(columns)
 
 
-def _check_output(path: Path) -> None:
-    if path.suffix != ".parquet":
-        raise UserError(f"--output: {path} must end in .parquet")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"--output: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserError(f"--output: {path} cannot be written (permission denied)")
-
-
 def run_score(cfg: ScoreConfig, runtime: Runtime) -> dict:
     """Score `cfg.input` through a pool `runtime` opens; write the parquet atomically; a summary."""
     model_dir = Path(cfg.model) if cfg.model else default_model_dir("large")
     output = Path(cfg.output)
-    _check_output(output)
+    check_parquet_output(output)
     spec = PoolSpec(str(model_dir), cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage, cfg.dtype)
     spec.validate()
     info = model_info(model_dir)

@@ -7,7 +7,6 @@ inputs are encoded by the jobs' own `encode_texts`, so the job's test set gives 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from raydapt.config import check, field
 from raydapt.errors import UserError
 from raydapt.models.checkpoint import model_info
 from raydapt.oracle import ShardedOracle
+from raydapt.outputs import check_parquet_output, write_atomic
 from raydapt.serving import PoolSpec, Runtime
 
 __all__ = ["ClassifyConfig", "read_prompt", "run_classify"]
@@ -88,8 +88,7 @@ def run_classify(cfg: ClassifyConfig, runtime: Runtime) -> dict:
 
     prompt, meta = read_prompt(Path(cfg.run))
     output = Path(cfg.output)
-    if output.suffix != ".parquet" or not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise UserError(f"--output: {output} must be a .parquet file in an existing directory")
+    check_parquet_output(output)
     names, label_ids = json.loads(meta["label_names"]), json.loads(meta["label_ids"])
     texts, labels = _read_inputs(Path(cfg.input), names)
     info = model_info(meta["model"])
@@ -109,9 +108,9 @@ def run_classify(cfg: ClassifyConfig, runtime: Runtime) -> dict:
     predicted = logp.argmax(axis=-1)
     columns = {"text": texts, "predicted": [names[k] for k in predicted], "predicted_class": predicted}
     columns |= {f"logprob_{name}": logp[:, k].astype(np.float32) for k, name in enumerate(names)}
-    tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    pq.write_table(pa.table(columns), tmp)
-    os.replace(tmp, output)  # readers never see a half-written file under the final name
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), buffer)
+    write_atomic(output, buffer.getvalue().to_pybytes())  # never half-written under the final name
     summary = {"inputs": len(texts), "output": str(output.resolve()), "usage": oracle.usage.as_dict()}
     if labels is not None:
         summary["accuracy"] = float(accuracy(logits, labels))

@@ -30,6 +30,7 @@ class EncodedTask:
     prompt_offset: int     # prompt slots start here (add mode) / the prompt is inserted here (cat)
     verbalizer: tuple[str, ...] = ()          # class k's label word
     label_names: tuple[str, ...] | None = None  # class k's name in the task file (string labels)
+    template: str = ""                        # the task's template, "{text}" marking the input
 
 
 def load_configured_task(cfg) -> Task:
@@ -113,7 +114,7 @@ def encode_task(task: Task, tokenizer, prompt_length: int, mode: str, max_length
     label_ids = check_label_words(tokenizer, task)
     return EncodedTask(train=encode(task.train), dev=encode(task.dev), test=encode(task.test),
                        manual_test=encode(task.test, False), label_ids=label_ids, prompt_offset=0,
-                       verbalizer=tuple(task.verbalizer), label_names=_names(task))
+                       template=task.template, verbalizer=tuple(task.verbalizer), label_names=_names(task))
 
 
 def _names(task: Task) -> tuple[str, ...] | None:

@@ -65,9 +65,8 @@ def prompt_metadata(cfg, data: EncodedTask) -> dict[str, str]:
     """Everything needed to apply a learned prompt to new inputs, kept in its safetensors header:
     the model, how inputs are encoded (template, placeholder, mode, prompt length) and what the
     label words mean. Lists are JSON (safetensors metadata holds strings only)."""
-    task = load_configured_task(cfg)
     return {"method": cfg.method, "mode": "deep" if cfg.method == "bbtv2" else cfg.mode, "input_mode": cfg.mode,
-            "model": str(Path(cfg.model).resolve()), "template": task.template, "placeholder": cfg.placeholder,
+            "model": str(Path(cfg.model).resolve()), "template": data.template, "placeholder": cfg.placeholder,
             "prompt_length": str(cfg.prompt_length), "prompt_offset": str(data.prompt_offset),
             "verbalizer": json.dumps(list(data.verbalizer)), "label_ids": json.dumps([int(i) for i in data.label_ids]),
             "label_names": json.dumps(list(data.label_names or data.verbalizer))}
@@ -163,9 +162,8 @@ def class_report(logits: np.ndarray, data: EncodedTask) -> dict:
     names = list(data.label_names or data.verbalizer)
     matrix = confusion_matrix(logits, data.test.labels)
     support = matrix.sum(axis=1)
-    report = {"labels": [{"class": k, "name": names[k] if k < len(names) else str(k),
-                          "word": data.verbalizer[k] if k < len(data.verbalizer) else None,
-                          "token_id": int(data.label_ids[k])} for k in range(len(data.label_ids))],
+    report = {"labels": [{"class": k, "name": names[k], "word": data.verbalizer[k], "token_id": int(data.label_ids[k])}
+                         for k in range(len(data.label_ids))],
               "per_class_accuracy": {str(k): (float(matrix[k, k] / support[k]) if support[k] else None)
                                      for k in range(len(support))},
               "confusion_matrix": matrix.tolist(), "warnings": []}
