@@ -19,12 +19,12 @@ COMMANDS = {"score": "score a corpus with a sharded model and write per-token pa
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        print(f"error: unknown command {argv[0]!r}; accepted: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    if not argv or argv[0] in ("-h", "--help"):
         lines = "\n".join(f"  {name:8s} {doc}" for name, doc in COMMANDS.items())
-        print(f"usage: raydapt COMMAND [flags]\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"error: unknown command {argv[0]!r}; accepted: {', '.join(COMMANDS)}", file=sys.stderr)
-            sys.exit(2)
+        print(f"usage: raydapt COMMAND [flags]\n\ncommands:\n{lines}")
         return
     if argv[0] == "score":
         from raydapt.score import ScoreConfig, run_score

@@ -46,8 +46,9 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
         if differs:
             detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
             raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
+        resuming = has_checkpoint(out / marker)  # refuses an unsigned checkpoint: before any line
         announce_output(out)
-        return out, has_checkpoint(out / marker)
+        return out, resuming
     if has_run and not cfg.resume:
         raise UserError(f"--output-dir {out} already holds a run; pass --resume to continue it or choose another directory")
     if cfg.resume:  # nothing to continue: say so rather than start fresh silently

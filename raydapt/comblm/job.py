@@ -92,15 +92,18 @@ def check_tokenizers(large_dir: str, expert_dir: str):
     return toks["model"]
 
 
-def _prepare_data(cfg, out: Path, tokenizer) -> dict[str, np.ndarray]:
-    data = out / "data"
-    if all((data / f"{s}.parquet").exists() for s in SPLITS):
+def _saved_splits(cfg) -> dict[str, np.ndarray] | None:
+    """The splits a resumed run wrote before, or None."""
+    data = Path(cfg.output_dir) / "data"
+    if cfg.resume and all((data / f"{s}.parquet").exists() for s in SPLITS):
         return {s: load_split(data / f"{s}.parquet") for s in SPLITS}
-    splits = build_splits(cfg, tokenizer)
-    data.mkdir(exist_ok=True)
+    return None
+
+
+def _save_splits(out: Path, splits: dict[str, np.ndarray]) -> None:
+    (out / "data").mkdir(exist_ok=True)
     for name, blocks in splits.items():
-        save_split(data / f"{name}.parquet", blocks)
-    return splits
+        save_split(out / "data" / f"{name}.parquet", blocks)
 
 
 def _check_cache_size(cfg, splits, vocab_size: int) -> int:
@@ -265,9 +268,12 @@ def run_comblm_job(cfg, runtime: Runtime) -> dict:
     if cfg.block > context:
         raise UserError(f"--block {cfg.block} exceeds the models' context of {context} tokens")
     PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage).validate()
-    out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
-    splits = _prepare_data(cfg, out, tokenizer)
+    saved = _saved_splits(cfg)
+    splits = saved or build_splits(cfg, tokenizer)  # bad text fails here, before the output dir exists
     cache_size = _check_cache_size(cfg, splits, info.vocab_size)
+    out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
+    if saved is None:
+        _save_splits(out, splits)
     (out / "cache").mkdir(exist_ok=True)
     cpus = math.ceil(cfg.workers * cfg.cpus_per_worker + cfg.replicas * cfg.stages * cfg.cpus_per_stage)
     runtime.start(cpus, dashboard=True)  # Ray Train's state queries need the dashboard
