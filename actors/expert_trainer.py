@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from raydapt.models.checkpoint import HF_FILES  # the rest of a Ray Train checkpoint is resume state
+from raydapt.models.checkpoint import HF_FILES, load_optimizer_state, save_optimizer_state
 
 __all__ = ["train_loop", "fine_tune_expert"]
+
+OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW's state, no pickle (raydapt.models.checkpoint)
 
 
 def _restore(model, opt, device) -> tuple[int, list[float]]:
     """Load the latest Ray Train checkpoint into model and optimizer; (next step, loss history)."""
     import ray.train
-    import torch
     from safetensors.torch import load_file
 
     checkpoint = ray.train.get_checkpoint()
@@ -33,25 +34,29 @@ def _restore(model, opt, device) -> tuple[int, list[float]]:
         return 0, []
     with checkpoint.as_directory() as d:
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors"), device=str(device)), strict=False)
-        opt.load_state_dict(torch.load(os.path.join(d, "optimizer.pt"), map_location=device, weights_only=True))
+        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
         state = json.loads(Path(d, "state.json").read_text())
     return state["step"], state["losses"]
 
 
-def _save(model, opt, tokenizer_dir: str, step: int, losses: list[float]):
-    """A checkpoint directory: the HF checkpoint (weights, config, tokenizer) plus optimizer and counters."""
-    import torch
-    from ray.train import Checkpoint
+def _report(metrics: dict, model=None, opt=None, tokenizer_dir: str = "", step: int = 0, losses=()) -> None:
+    """ray.train.report, with (rank 0) a checkpoint directory: the HF checkpoint (weights, config,
+    tokenizer) plus the optimizer's state and the counters. Ray Train copies the directory to the
+    run's storage, so the local one is removed when report returns."""
+    import ray.train
 
-    d = tempfile.mkdtemp(prefix="expert-ckpt-")
-    model.save_pretrained(d, safe_serialization=True)
-    for name in HF_FILES:
-        src = Path(tokenizer_dir, name)
-        if name.startswith(("tokenizer", "special")) and src.exists():
-            shutil.copy(src, d)
-    torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
-    Path(d, "state.json").write_text(json.dumps({"step": step, "losses": losses}))
-    return Checkpoint.from_directory(d)
+    if model is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="expert-ckpt-") as d:
+        model.save_pretrained(d, safe_serialization=True)
+        for name in HF_FILES:
+            src = Path(tokenizer_dir, name)
+            if name.startswith(("tokenizer", "special")) and src.exists():
+                shutil.copy(src, d)
+        save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
+        Path(d, "state.json").write_text(json.dumps({"step": step, "losses": list(losses)}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _maybe_inject_fault(config: dict, step: int, rank: int, world: int) -> None:
@@ -106,8 +111,11 @@ def train_loop(config: dict) -> None:
         if metrics:
             metrics.record(done, losses[-1])
         if done % config["checkpoint_every"] == 0 or done == config["steps"]:
-            checkpoint = _save(model, opt, config["model_dir"], done, losses) if rank == 0 else None
-            ray.train.report({"step": done, "loss": losses[-1]}, checkpoint=checkpoint)
+            metrics_row = {"step": done, "loss": losses[-1]}
+            if rank == 0:
+                _report(metrics_row, model, opt, config["model_dir"], done, losses)
+            else:
+                _report(metrics_row)
             if rank == 0:  # not print(): Ray Train V2 patches it to both log and echo, so each line came twice
                 sys.stderr.write(f"expert step {done}/{config['steps']}: loss {losses[-1]:.4f} (checkpointed)\n")
                 sys.stderr.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -52,8 +53,9 @@ def main() -> None:
     from raydapt.gdfo.config import QUICK, GDFOConfig
     from raydapt.gdfo.job import run_gdfo_job
 
+    temp_dir = tempfile.mkdtemp(prefix="rdpt-metrics-", dir="/tmp")
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=args.port, logging_level="ERROR",
-             _temp_dir=tempfile.mkdtemp(prefix="rdpt-metrics-", dir="/tmp"))
+             _temp_dir=temp_dir)
     out = Path(tempfile.mkdtemp(prefix="gdfo-metrics-"))
     cfg = parse_args(GDFOConfig, ["--quick", "--seed", "7", "--baseline", "none", "--output-dir", str(out / "run")],
                      presets={"quick": QUICK})
@@ -66,6 +68,7 @@ def main() -> None:
     time.sleep(6)  # the metrics agent reports every few seconds: take the final values too
     samples.append((time.time() - t0, scrape(f"http://127.0.0.1:{args.port}/metrics")))
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     plot(samples, args.output)
     print(f"wrote {args.output} from {len(samples)} scrapes")
 

@@ -5,6 +5,7 @@ The cluster is started in a temporary directory by this test session and stopped
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -59,3 +60,4 @@ def ray_cluster():
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR")
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # logs and spilled objects: tens of MB a session

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -64,3 +65,4 @@ def ray_head(num_cpus: int = 4, extra_args: tuple = (), extra_env: dict | None =
                "metrics": f"http://127.0.0.1:{ports['metrics-export-port']}/metrics", "temp_dir": temp_dir}
     finally:
         stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -72,6 +72,19 @@ def test_loss_falls_and_budget_is_exact(tmp_path, method, optimizer):
     assert len(log) == 50 and sum('"dev_accuracy"' in line for line in log) == 5
 
 
+def test_progress_bar_counts_api_calls_and_resumes_where_it_stopped(tmp_path, capsys):
+    """The bar runs over API calls (with an ETA); a resumed run's bar starts at the calls already spent."""
+    (tmp_path / "run").mkdir()
+    s = search(tmp_path / "run", budget=160)
+    s.run(s.fresh_state())
+    first = capsys.readouterr().err
+    assert "| 0/160 [" in first and "| 160/160 [" in first and "call/s" in first, first
+    s = search(tmp_path / "run", budget=240)  # the same search given more budget: continues at 160
+    s.run(s.resume())
+    second = capsys.readouterr().err
+    assert "| 160/240 [" in second and "| 240/240 [" in second and "| 0/240 [" not in second, second
+
+
 def test_resumed_search_equals_uninterrupted(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     whole = search(tmp_path / "a")

@@ -85,7 +85,7 @@ class BBTConfig(TaskConfig):
                                  "mid-run to check that the run survives it with the same result")
     output_dir: str = field("runs/bbt", "where result.json, the prompt, the log and the checkpoint go")
     resume: bool = field(False, "continue the run in --output-dir from its last checkpoint")
-    log_every: int = field(5, "print a progress line every this many generations")
+    log_every: int = field(25, "print a summary line above the progress bar every this many generations")
 
     def __post_init__(self):
         super().__post_init__()

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from raydapt.bbt.inputs import EncodedTask, Split
 from raydapt.bbt.losses import LOSSES, accuracy
 from raydapt.bbt.space import DeepPromptSpace, PromptSpace
 from raydapt.errors import UserError
 from raydapt.oracle import BlackBoxOracle, Usage
-from raydapt.outputs import append_jsonl, load_checkpoint, save_checkpoint, truncate_jsonl
+from raydapt.outputs import append_jsonl, load_checkpoint, progress_bar, save_checkpoint, truncate_jsonl
 from raydapt.search.optimizers import Optimizer, make_optimizer, restore
 
 __all__ = ["SearchState", "PromptSearch", "CHECKPOINT_DIR"]
@@ -62,7 +63,7 @@ class PromptSearch:
     """Runs BBT (one prompt at the input) or BBTv2 (a prompt per layer, layer by layer)."""
 
     def __init__(self, cfg, oracle: BlackBoxOracle, data: EncodedTask, space: PromptSpace | DeepPromptSpace,
-                 out_dir: Path, progress: Callable[[str], None] = print, reporter=None):
+                 out_dir: Path, progress: Callable[[str], None] = tqdm.write, reporter=None):
         self.cfg, self.oracle, self.data, self.space = cfg, oracle, data, space
         self.out_dir, self.progress = Path(out_dir), progress
         self.reporter = reporter  # optional: .generation(row) after every generation (metrics)
@@ -168,27 +169,34 @@ class PromptSearch:
         truncate_jsonl(log_path, state.log_rows)
         started = time.perf_counter() - state.elapsed_s
         mark, oracle_mark = time.perf_counter(), self.oracle_seconds  # then: the previous row's write
-        while state.api_calls + self.generation_calls(state) <= cfg.budget:
-            row = self.step(state)
-            last = state.api_calls + self.generation_calls(state) > cfg.budget
-            if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
-                row |= self.score_dev(state)
-            now = time.perf_counter()
-            state.elapsed_s = now - started
-            row["elapsed_s"] = round(state.elapsed_s, 3)
-            oracle_s = self.oracle_seconds - oracle_mark
-            coordinator_s = max(0.0, now - mark - oracle_s)
-            state.oracle_s += oracle_s
-            state.coordinator_s += coordinator_s
-            row["oracle_s"], row["coordinator_s"] = round(oracle_s, 6), round(coordinator_s, 6)
-            mark, oracle_mark = now, self.oracle_seconds
-            append_jsonl(log_path, row)
-            state.log_rows += 1
-            self.checkpoint(state)
-            if self.reporter is not None:
-                self.reporter.generation(row | {"best_dev_accuracy": state.best_dev_accuracy})
-            if state.generation % cfg.log_every == 0 or last:
-                dev = f" | dev acc {row['dev_accuracy']:.3f} (best {state.best_dev_accuracy:.3f})" if "dev_accuracy" in row else ""
-                self.progress(f"gen {state.generation:4d} | calls {state.api_calls:5d}/{cfg.budget} | "
-                              f"best train loss {state.best_train_loss:.4f}{dev}")
+        with progress_bar(cfg.budget, state.api_calls, self.out_dir.name) as bar:  # an ETA over API calls
+            while state.api_calls + self.generation_calls(state) <= cfg.budget:
+                row = self.step(state)
+                last = state.api_calls + self.generation_calls(state) > cfg.budget
+                if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
+                    row |= self.score_dev(state)
+                now = time.perf_counter()
+                state.elapsed_s = now - started
+                row["elapsed_s"] = round(state.elapsed_s, 3)
+                oracle_s = self.oracle_seconds - oracle_mark
+                coordinator_s = max(0.0, now - mark - oracle_s)
+                state.oracle_s += oracle_s
+                state.coordinator_s += coordinator_s
+                row["oracle_s"], row["coordinator_s"] = round(oracle_s, 6), round(coordinator_s, 6)
+                mark, oracle_mark = now, self.oracle_seconds
+                append_jsonl(log_path, row)
+                state.log_rows += 1
+                self.checkpoint(state)
+                if self.reporter is not None:
+                    self.reporter.generation(row | {"best_dev_accuracy": state.best_dev_accuracy})
+                if state.generation % cfg.log_every == 0 or last:
+                    self.progress(self._summary_line(state, row))
+                bar.update(state.api_calls - bar.n)
+                bar.set_postfix(best_train_loss=f"{state.best_train_loss:.4f}",
+                                best_dev_acc=f"{state.best_dev_accuracy:.3f}", refresh=False)
         return state
+
+    def _summary_line(self, state: SearchState, row: dict) -> str:
+        dev = f" | dev acc {row['dev_accuracy']:.3f} (best {state.best_dev_accuracy:.3f})" if "dev_accuracy" in row else ""
+        return (f"gen {state.generation:4d} | calls {state.api_calls:5d}/{self.cfg.budget} | "
+                f"best train loss {state.best_train_loss:.4f}{dev}")

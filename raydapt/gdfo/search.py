@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from raydapt.bbt.losses import accuracy
 from raydapt.bbt.search import PromptSearch, SearchState
@@ -39,7 +40,7 @@ class GDFOState(SearchState):
 
 
 class GDFOSearch(PromptSearch):
-    def __init__(self, cfg, oracle, data, space, out_dir, progress=print, reporter=None,
+    def __init__(self, cfg, oracle, data, space, out_dir, progress=tqdm.write, reporter=None,
                  start_student=InlineStudent):
         """`start_student(*worker_args)` returns a handle with `submit(method, *args) -> future`:
         `InlineStudent` (this process) or, from the Ray side, an actor (`actors.student.RayStudent`)."""

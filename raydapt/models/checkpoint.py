@@ -16,7 +16,8 @@ from raydapt.errors import UserError
 from raydapt.models.families import SUPPORTED_MODEL_TYPES, Family, family_for
 from raydapt.oracle import ModelInfo
 
-__all__ = ["read_config", "model_info", "tensor_index", "load_tensors", "HF_FILES"]
+__all__ = ["read_config", "model_info", "tensor_index", "load_tensors", "HF_FILES", "save_optimizer_state",
+           "load_optimizer_state"]
 
 # The files of a Hugging Face checkpoint directory that raydapt copies (weights, config, tokenizer).
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -86,3 +87,33 @@ def load_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(f"corrupted safetensors file {file}: {e}")
     return out
+
+
+def save_optimizer_state(state: dict, path: str | Path) -> None:
+    """A torch optimizer's state_dict as safetensors (the per-parameter tensors) with the rest
+    (param_groups, any non-tensor per-parameter value) as JSON in the header: no pickle to load."""
+    from safetensors.torch import save_file
+
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                plain[key] = value
+    save_file(tensors, str(path), metadata={"param_groups": json.dumps(state["param_groups"]),
+                                            "plain": json.dumps(plain)})
+
+
+def load_optimizer_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The state_dict `save_optimizer_state` wrote, ready for `optimizer.load_state_dict`."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata()
+        entries = {key: f.get_tensor(key) for key in f.keys()}
+    entries |= json.loads(meta["plain"])
+    state: dict[int, dict] = {}
+    for key, value in entries.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
