@@ -43,8 +43,7 @@ def _oracle_instruments() -> tuple:
             Counter("raydapt_oracle_examples", "examples scored"),
             Counter("raydapt_oracle_tokens", "tokens scored"),
             Histogram("raydapt_oracle_request_seconds", "latency of one oracle request", boundaries=LATENCY_BUCKETS),
-            Counter("raydapt_oracle_stage_restarts", "stage actors restarted after a failure"),
-            Counter("raydapt_oracle_retried_micro_batches", "micro-batches re-run after a failure"))
+            Counter("raydapt_oracle_stage_restarts", "stage actors restarted after a failure"))
 
 
 @functools.cache
@@ -67,7 +66,7 @@ class OracleMetrics:
     """The oracle as an API: calls, examples, tokens served, request latency, budget."""
 
     def __init__(self):
-        self.calls, self.examples, self.tokens, self.latency, self.restarts, self.retried = _oracle_instruments()
+        self.calls, self.examples, self.tokens, self.latency, self.restarts = _oracle_instruments()
 
     def request(self, cost: Usage, seconds: float) -> None:
         self.calls.inc(cost.calls)
@@ -75,11 +74,10 @@ class OracleMetrics:
         self.tokens.inc(cost.tokens)
         self.latency.observe(seconds)
 
-    def failure(self, restarts: int, retried: int) -> None:
+    def failure(self, restarts: int) -> None:
+        """Stage actors found restarted, counted once a run's pool is done with."""
         if restarts:
             self.restarts.inc(restarts)
-        if retried:
-            self.retried.inc(retried)
 
 
 class SearchMetrics:

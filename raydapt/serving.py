@@ -104,7 +104,7 @@ class Runtime(Protocol):
     def close_pool(self, pool: ReplicaPool) -> None: ...
 
     def oracle_reporter(self) -> Any | None:
-        """A hook with `request(cost, seconds)` and `failure(restarts, retried)`, or None."""
+        """A hook with `request(cost, seconds)` and `failure(restarts)`, or None."""
 
     def search_reporter(self, method: str, budget: int, run: str) -> Any | None:
         """A hook with `generation(row)` whose series are tagged by `method` and `run`, or None."""

@@ -148,6 +148,8 @@ def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=
         result |= (extra_result(search, state) if extra_result else {})
         if hasattr(pool, "fault_report"):
             result["fault_tolerance"] = pool.fault_report()
+            if oracle_metrics is not None:
+                oracle_metrics.failure(result["fault_tolerance"]["stage_restarts"])
         plot_curves(out / "curve.png", {cfg.method.upper(): read_jsonl(out / "log.jsonl")},
                     f"{cfg.method} / {cfg.optimizer}, seed {cfg.seed}")
         write_result(out, result)
