@@ -29,7 +29,8 @@ class LocalPool:
         self.n_replicas = spec.replicas
         # Each replica owns its stages, as on Ray: a replica-invariance test then compares real copies.
         self.replicas = [[StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
-                                      simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
+                                      simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0,
+                                      graybox=spec.graybox)
                           for s in range(spec.stages)] for _ in range(spec.replicas)]
 
     def put(self, value: Any) -> Any:
@@ -43,6 +44,25 @@ class LocalPool:
 
     def gather(self, handles: list) -> list:
         return handles
+
+    def train_forward(self, replica: int, key: str, mb: dict) -> dict:
+        inputs, hidden = [], None
+        for stage in self.replicas[replica]:
+            inputs.append(hidden)
+            hidden = stage.train_forward(key, mb, hidden)
+        return {"replica": replica, "key": key, "mb": mb, "inputs": inputs, "output": hidden}
+
+    def train_backward(self, handle: dict, grad: Any) -> Any:
+        chain = self.replicas[handle["replica"]]
+        for stage, hidden in zip(reversed(chain), reversed(handle["inputs"])):
+            grad = stage.train_backward(handle["key"], handle["mb"], hidden, grad)
+        return grad
+
+    def kept_graphs(self) -> list[list[int]]:
+        return [[s.kept_graphs() for s in chain] for chain in self.replicas]
+
+    def frozen_state(self) -> list[list[dict]]:
+        return [[s.frozen_state() for s in chain] for chain in self.replicas]
 
     def describe(self) -> list[list[dict]]:
         return [[s.describe() for s in chain] for chain in self.replicas]
@@ -86,7 +106,7 @@ class RayPool:
                     max_task_retries=self.MAX_TASK_RETRIES,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
                 ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r,
-                         simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0)
+                         simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0, graybox=spec.graybox)
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])
@@ -108,6 +128,28 @@ class RayPool:
         if self.fault and self.requests == self.fault.after_calls + 1:
             self._ray.kill(self.replicas[self.fault.replica][self.fault.stage], no_restart=False)
         return self._ray.get(handles)
+
+    def train_forward(self, replica: int, key: str, mb: dict) -> dict:
+        """Submit a gray-box micro-batch's forward down `replica`'s chain; the handle keeps each
+        stage's input ref, which backward (and a stage rebuilding a lost graph) reads again."""
+        mb_ref, inputs, hidden = self._ray.put(mb), [], None
+        for actor in self.replicas[replica]:
+            inputs.append(hidden)
+            hidden = actor.train_forward.remote(key, mb_ref, hidden)
+        return {"replica": replica, "key": key, "mb": mb_ref, "inputs": inputs, "output": hidden}
+
+    def train_backward(self, handle: dict, grad: Any) -> Any:
+        """Submit the backward S -> 1 of a micro-batch; gradients travel as object refs."""
+        chain = self.replicas[handle["replica"]]
+        for actor, hidden in zip(reversed(chain), reversed(handle["inputs"])):
+            grad = actor.train_backward.remote(handle["key"], handle["mb"], hidden, grad)
+        return grad
+
+    def kept_graphs(self) -> list[list[int]]:
+        return [self._ray.get([a.kept_graphs.remote() for a in chain]) for chain in self.replicas]
+
+    def frozen_state(self) -> list[list[dict]]:
+        return [self._ray.get([a.frozen_state.remote() for a in chain]) for chain in self.replicas]
 
     def _stage_pids(self) -> dict:
         return {(r, s): info["pid"] for r, chain in enumerate(self.replicas)

@@ -6,6 +6,7 @@ through Ray's object store); only the last stage's answers leave the pipeline.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from raydapt.bbt.space import clipped_std
+from raydapt.graybox import stage_graph, stage_vjp
 from raydapt.models.heads import token_stats
 from raydapt.models.shard import DTYPES, load_shard
 
@@ -31,7 +33,7 @@ def _node_id() -> str | None:
 class StageWorker:
     def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
                  device: str = "cpu", threads: int | None = None, replica: int | None = None,
-                 simulated_latency_s: float = 0.0):
+                 simulated_latency_s: float = 0.0, graybox: bool = False):
         if threads:
             # Same thread count for every stage whatever S and R are: results stay bitwise equal.
             torch.set_num_threads(threads)
@@ -41,6 +43,10 @@ class StageWorker:
         self.dtype = DTYPES[dtype]
         self.shard = load_shard(model_dir, n_stages, stage, dtype=dtype, device=device)
         self.stage = stage
+        # A black-box oracle's stages answer forward calls only; gray-box calls need a pool opened
+        # for them (PoolSpec.graybox), so a black-box method cannot reach gradients by mistake.
+        self.graybox = graybox
+        self.kept: dict[str, tuple] = {}  # gray-box graphs between a micro-batch's forward and backward
         # Simulated API latency for benchmarks (0 in real use): a sleep before every micro-batch,
         # outside the timed forward, so it changes no result and no stage metric.
         self.simulated_latency_s = float(simulated_latency_s)
@@ -99,6 +105,47 @@ class StageWorker:
         parts = [token_stats(shard.logits(h[i:i + 1]), ids[i:i + 1], mb["top_k"], mb["full"])
                  for i in range(h.shape[0])]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    # --- gray box ------------------------------------------------------------------------------
+    def train_forward(self, key: str, mb: dict, hidden: np.ndarray | None):
+        """Forward of a micro-batch that will be differentiated through: the output as in `forward`
+        (hidden states, or the last stage's {"loss", "logits", "hidden"}); the graph is kept under
+        `key` until `train_backward` unless the micro-batch says not to keep it (recompute)."""
+        self._allow_graybox()
+        leaf, output = stage_graph(self.shard, mb, hidden, self.device)
+        if mb["keep"]:
+            self.kept[key] = (leaf, output)
+        if isinstance(output, dict):
+            return {k: v.detach().float().cpu().numpy() for k, v in output.items()}
+        return output.detach().float().cpu().numpy()
+
+    def train_backward(self, key: str, mb: dict, hidden: np.ndarray | None, grad) -> np.ndarray:
+        """The gradient of this stage's input, given its output's; releases the kept graph. Without
+        one (recompute, or an actor restarted since forward) the graph is rebuilt from the input,
+        which gives the same numbers: the input travels as an object ref that outlives the actor."""
+        self._allow_graybox()
+        kept = self.kept.pop(key, None)
+        leaf, output = kept if kept is not None else stage_graph(self.shard, mb | {"for_backward": True},
+                                                                 hidden, self.device)
+        return stage_vjp(leaf, output, grad)
+
+    def kept_graphs(self) -> int:
+        return len(self.kept)
+
+    def frozen_state(self) -> dict:
+        """A digest of this shard's weight bytes and how many weights want or hold a gradient (0 and
+        0 for a frozen LM): tests check that training around it leaves it as it was."""
+        digest = hashlib.sha256()
+        for name, p in sorted(self.shard.state_dict(keep_vars=True).items()):
+            digest.update(name.encode() + p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        params = list(self.shard.parameters())
+        return {"digest": digest.hexdigest(), "requires_grad": sum(p.requires_grad for p in params),
+                "grads": sum(p.grad is not None for p in params)}
+
+    def _allow_graybox(self) -> None:
+        if not self.graybox:
+            raise PermissionError("this stage serves a black-box oracle: forward answers only, no gradients "
+                                  "(open the pool with PoolSpec(graybox=True) for a gray-box method)")
 
     def _statistics(self, mb: dict, carried: dict | None) -> dict:
         """Scalars only: embedding std (first stage) and the clipped std of each block's input."""

@@ -18,7 +18,7 @@ import numpy as np
 from raydapt.errors import UserError
 
 __all__ = ["Usage", "Budget", "BudgetExceededError", "BlackBoxOracle", "TokenScores", "ModelInfo",
-           "ReplicaPool", "ShardedOracle", "PROMPT_MODES"]
+           "ReplicaPool", "ShardedOracle", "PROMPT_MODES", "GrayBoxOracle", "GrayBoxRequest", "GrayUsage"]
 
 PROMPT_MODES = ("add", "cat", "deep")
 
@@ -89,6 +89,57 @@ class BlackBoxOracle(Protocol):
         """Scale statistics a prompt search needs, as scalars: `embedding_std` (std of the token
         embedding matrix, BBT's scale for A) and `hidden_std` (per block input, 3-sigma clipped std
         over the real positions of these inputs, BBTv2's per-layer scale)."""
+
+
+@dataclass
+class GrayBoxRequest:
+    """N sequences for a frozen LM that is differentiated through (numpy arrays).
+
+    `prompt` (N, L, E) is inserted at positions [offset, offset + L) of each sequence, so a row of
+    `lengths[i]` tokens is `lengths[i] + L` positions long. `inputs_embeds` (N, T, E), when given,
+    replaces the token embeddings of `input_ids` (a connector feeding the LM). `labels` (N, T) are
+    in token space, Hugging Face style (-100 ignored; position t's logits predict token t + 1; the
+    last prompt vector predicts the token after the prompt); `positions` (N, K) index the prompted
+    sequence, for logits there.
+    """
+    input_ids: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray | None = None
+    prompt: np.ndarray | None = None
+    offset: int = 0
+    inputs_embeds: np.ndarray | None = None
+    positions: np.ndarray | None = None
+    hidden: bool = False
+
+
+@dataclass
+class GrayUsage:
+    """What a gray-box oracle has served: rows and (real) positions through forward and backward."""
+    requests: int = 0
+    examples: int = 0
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class GrayBoxOracle(Protocol):
+    """A frozen LM that is differentiated through but never changed or shown: it returns outputs
+    of prompted inputs and the vector-Jacobian product back to its input embeddings, never weights.
+    Its weights have requires_grad=False and stay where they are served. A black-box oracle
+    (`BlackBoxOracle`, `ShardedOracle`) has none of these calls, and its stages refuse them."""
+    info: ModelInfo
+    usage: GrayUsage
+
+    def forward(self, request: GrayBoxRequest) -> tuple[dict[str, np.ndarray], Any]:
+        """({"loss": (N,) summed token cross-entropy over `labels`, "logits": (N, K, V) at
+        `positions`, "hidden": (N, T', D) final hidden states}, only those asked for; a handle for
+        `backward`)."""
+
+    def backward(self, handle: Any, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Given d(objective)/d(each output of `forward`), return {"prompt": (N, L, E),
+        "inputs_embeds": (N, T, E)} (those the request had) and release what forward kept."""
 
 
 class ReplicaPool(Protocol):

@@ -34,6 +34,8 @@ class PoolSpec:
     # long once per micro-batch, the way a remote API adds a fixed delay per call. It only sleeps:
     # results are identical with or without it. Replicas sleep concurrently (bench/search.py).
     simulated_latency_ms: float = 0.0
+    # Gray-box stages (raydapt.graybox) also run backward; a black-box pool's stages refuse it.
+    graybox: bool = False
 
     @property
     def simulated_latency_s(self) -> float:

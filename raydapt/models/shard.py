@@ -80,12 +80,21 @@ class Shard(nn.Module):
               offset: int = 0) -> torch.Tensor:
         """input_ids (B,T) -> hidden (B,T',D). `prompt` (B,L,E) is added to the token embeddings
         at positions [offset, offset+L) ("add", BBT) or inserted there ("cat"), so T' = T + L."""
-        x = self.modules_by_path[self.family.embed_tokens](input_ids)  # (B,T,E)
+        x = self.token_embeddings(input_ids)  # (B,T,E)
         if prompt is not None:
             if mode == "add":
                 x = add_at_slots(x, prompt, offset)
             else:
                 x = torch.cat([x[:, :offset], prompt.to(x.dtype), x[:, offset:]], 1)
+        return self.embed_vectors(x)
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B,T) -> the token embeddings (B,T,E), before positions."""
+        return self.modules_by_path[self.family.embed_tokens](input_ids)
+
+    def embed_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B,T,E) -> the first block's input (B,T,D): positions added (learned
+        position families), projected where the family projects."""
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.family.embed(self.modules_by_path, x, pos)
 
