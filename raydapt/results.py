@@ -244,6 +244,24 @@ def _search_table(fig: dict) -> list[str]:
             f"Answers bitwise identical over 1 and 2 replicas, with and without the delay: {b['identical']}.", ""]
 
 
+def _graybox_table(fig: dict) -> list[str]:
+    med, r, n = fig["median_s"], fig["ratios"], fig["sizes"]
+    return [f"`python bench/graybox.py` (a gray-box training step: {n['rows']} rows of "
+            f"{'random token ids' if fig['synthetic'] else 'the default task'}, "
+            f"{n['prompt_length']} prompt vectors each, LM loss on every token, forward then backward to the "
+            f"prompt in micro-batches of {n['micro_batch']}; medians of {n['repeats']}; {_where(fig)}):", "",
+            "| measure | ratio | goal |", "|---|---|---|",
+            f"| (a) 2-stage Ray pipeline / the same step in one process ({fig['in_process_threads']} torch threads) | "
+            f"{r['pipeline_vs_in_process']:.2f}x ({_ms(med['pipeline_keep'])} vs {_ms(med['in_process'])}) | <= 1.2x |",
+            f"| (a) the same / in one process on 1 thread | {r['pipeline_vs_in_process_1_thread']:.2f}x "
+            f"({_ms(med['pipeline_keep'])} vs {_ms(med['in_process_1_thread'])}) | |",
+            f"| (b) 2 replicas vs 1 (1 stage each, 1 CPU per stage) | {r['speedup_2_replicas']:.2f}x faster "
+            f"({_ms(med['replicas_2'])} vs {_ms(med['replicas_1'])}) | |",
+            f"| (c) 2-stage pipeline, graphs rebuilt at backward (`recompute`) / kept | {r['recompute_over_keep']:.2f}x "
+            f"({_ms(med['pipeline_recompute'])} vs {_ms(med['pipeline_keep'])}) | |", "",
+            f"Prompt gradients bitwise identical in every case and repeat: {fig['identical']}.", ""]
+
+
 def _combiner_table(fig: dict) -> list[str]:
     return [f"`python bench/combiners.py` ({fig['combiners']} CombLM combiners on {fig['fit_tokens']} fit tokens, "
             f"vocabulary {fig['vocab']}, {fig['epochs']} epochs; medians of {fig['repeats']}; {_where(fig)}):", "",
@@ -256,7 +274,8 @@ def _combiner_table(fig: dict) -> list[str]:
 def performance_block(bench_dir: Path) -> str:
     """The README's Performance tables, from the figures bench/*.py wrote (a bench not run: no table)."""
     lines = []
-    for name, table in (("oracle", _oracle_table), ("search", _search_table), ("combiners", _combiner_table)):
+    for name, table in (("oracle", _oracle_table), ("search", _search_table), ("graybox", _graybox_table),
+                        ("combiners", _combiner_table)):
         path = Path(bench_dir) / f"{name}.json"
         if path.exists():
             lines += table(json.loads(path.read_text()))

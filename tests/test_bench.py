@@ -65,3 +65,26 @@ def test_bench_search_quick_prints_its_ratios(tiny_checkpoints, ray_cluster, cap
     # Sleeps on two replicas overlap: a loose bound, the machine is shared (the goal, 1.6x, is the bench's).
     assert ratios["speedup_2_replicas_simulated_latency"] > 1.2
     assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_bench_graybox_quick_prints_its_ratios(tiny_checkpoints, ray_cluster, capsys, tmp_path):
+    directory = tiny_checkpoints["llama"][0]
+    output = tmp_path / "figures" / "graybox.json"
+    figures = load_bench("graybox").main(["--quick", "--synthetic", "--model", str(directory), "--output", str(output)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {output}"
+    printed = json.loads(lines[-2])
+    assert json.loads(output.read_text()) == json.loads(json.dumps(figures))  # the file holds what was printed
+    assert printed == json.loads(json.dumps(figures))
+    assert figures["machine"]["cpus"] >= 1 and figures["quick"] is True
+    ratios = printed["ratios"]
+    assert set(ratios) == {"pipeline_vs_in_process", "pipeline_vs_in_process_1_thread", "speedup_2_replicas",
+                          "recompute_over_keep"}
+    assert all(np.isfinite(v) and v > 0 for v in ratios.values())
+    assert set(printed["median_s"]) == {"in_process", "in_process_1_thread", "pipeline_keep", "pipeline_recompute",
+                                       "replicas_1", "replicas_2"}
+    assert printed["identical"] is True  # the prompt's gradient: bitwise the same over S, R and recompute
+    assert printed["kept_graphs_after"] == [[[0]], [[0, 0]], [[0], [0]]]  # every graph released by backward
+    assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running
