@@ -60,6 +60,10 @@ class RayRuntime(_TrainRuns):
         from actors.student import RayStudent
         return RayStudent
 
+    def trainer_reporter(self, run: str):
+        from actors.metrics import TrainerMetrics
+        return TrainerMetrics(run)
+
 
 class LocalRuntime(_TrainRuns):
     """Everything the oracle and the search need in this process: no cluster, no metrics."""
@@ -81,6 +85,9 @@ class LocalRuntime(_TrainRuns):
 
     def student_starter(self):
         return InlineStudent
+
+    def trainer_reporter(self, run: str):
+        return None
 
 
 def runtime_for(local: bool) -> RayRuntime | LocalRuntime:

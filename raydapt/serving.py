@@ -14,7 +14,7 @@ from raydapt.models.checkpoint import model_info, tensor_index
 from raydapt.models.shard import DTYPES, stage_plan
 from raydapt.oracle import ReplicaPool
 
-__all__ = ["PoolSpec", "FaultInjection", "parse_fault_spec", "Runtime", "PLACEMENTS"]
+__all__ = ["PoolSpec", "FaultInjection", "parse_fault_spec", "Runtime", "PLACEMENTS", "pin_coordinator_threads"]
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -59,6 +59,15 @@ class PoolSpec:
             raise UserError(f"--placement {self.strategy!r} is not one of {', '.join(PLACEMENTS)}")
         stage_plan(self.model_dir, self.stages)  # reads the checkpoint's shapes: fails early and clearly
         tensor_index(self.model_dir)  # opens every safetensors header here, before any actor starts
+
+
+def pin_coordinator_threads() -> None:
+    """Run the coordinator's own float math (BBT's projection, a prompt generator, Adam) on one torch
+    thread. A matmul's bits depend on the thread count (BBT's z @ A.T differs in the last place
+    between 1 and 2 threads), and in-process stages and the GDFO student set one thread for their
+    whole process: without this, `--local` changed a run's results."""
+    import torch
+    torch.set_num_threads(1)
 
 
 def parse_fault_spec(text: str, kind: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
@@ -113,6 +122,9 @@ class Runtime(Protocol):
 
     def student_starter(self) -> Callable[..., Any]:
         """`start(*StudentWorker args)` -> a handle with `submit(method, *args).result()`."""
+
+    def trainer_reporter(self, run: str) -> Any | None:
+        """A hook with `record(step, loss)` for a training loop, tagged by `run`, or None."""
 
     def start(self, num_cpus: int, dashboard: bool = False) -> None:
         """Connect to (or start) the cluster with at least `num_cpus` CPUs before Train runs or tasks."""

@@ -92,6 +92,16 @@ ROWS = [
     ("jobs/gdfo.py", "--student {missing}", ["--student", "does not exist", "the built small LM"]),
     ("jobs/comblm.py", "--model {missing}", ["--model", "does not exist"]),
     ("jobs/comblm.py", "--expert {blocker}", ["--expert", "is not a directory"]),
+    # jobs/idpt.py (issue 13): each bad input before the pool starts.
+    ("jobs/idpt.py", "--tasks exception,nope", ["--tasks", "unknown task 'nope'", "accepted: exception"]),
+    ("jobs/idpt.py", "--prompt-length 250", ["--prompt-length 250", "exceeds the model's context of 256"]),
+    ("jobs/idpt.py", "--generator {other_tokenizer}", ["--generator", "tokenizer differs from --model's"]),
+    ("jobs/idpt.py", "--lr 0", ["--lr", "> 0, got 0.0"]),
+    ("jobs/idpt.py", "--lr -0.1", ["--lr", "> 0"]),
+    ("jobs/idpt.py", "--method frozen", ["--method", "'idpt', 'static'"]),
+    ("jobs/idpt.py", "--tasks-dir {missing}", ["no-such-checkpoint"]),
+    ("jobs/idpt.py", "--stages 9", ["--stages 9", "4 layers"]),
+    ("jobs/idpt.py", "--local --fault-injection kill-stage:after-calls=1", ["--fault-injection", "--local"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -156,7 +166,20 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "corpus_no_ids": _jsonl(tmp / "bad2.jsonl", [{"tokens": [1, 2]}]),
         "corpus_long": _jsonl(tmp / "bad3.jsonl", [{"input_ids": list(range(65))}]),
         "blocker": blocker,
+        "other_tokenizer": _other_tokenizer(tmp),
     }
+
+
+def _other_tokenizer(tmp: Path) -> Path:
+    """The default small LM with a tokenizer of its own: a generator that cannot read --model's ids."""
+    from raydapt.defaults import default_model_dir
+    from raydapt.pretrain import train_tokenizer
+    directory = tmp / "other-tokenizer"
+    shutil.copytree(default_model_dir("small"), directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (directory / name).unlink(missing_ok=True)
+    train_tokenizer(["def other(x):\n    return x * 2\n"] * 50, vocab_size=300, context=256).save_pretrained(directory)
+    return directory
 
 
 def _write(path: Path, text: str) -> Path:

@@ -27,7 +27,7 @@ from raydapt.oracle import ShardedOracle
 from raydapt.outputs import (announce_output, has_checkpoint, read_json, read_jsonl, save_tensors, write_json,
                              write_result)
 from raydapt.search.optimizers import make_optimizer
-from raydapt.serving import FaultInjection, PoolSpec, Runtime
+from raydapt.serving import FaultInjection, PoolSpec, Runtime, pin_coordinator_threads
 
 __all__ = ["prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
 
@@ -106,6 +106,7 @@ def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=
     `method` names the run in its metrics (default: cfg.method)."""
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
     started = time.perf_counter()
+    pin_coordinator_threads()
     # Every input check before any actor starts: a bad flag costs a second, not a cluster launch.
     make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, 1, seed=cfg.seed, sigma=cfg.sigma)
     spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,

@@ -17,7 +17,7 @@ from raydapt.models.families import SUPPORTED_MODEL_TYPES, Family, family_for
 from raydapt.oracle import ModelInfo
 
 __all__ = ["read_config", "model_info", "tensor_index", "load_tensors", "HF_FILES", "save_optimizer_state",
-           "load_optimizer_state"]
+           "load_optimizer_state", "optimizer_arrays", "optimizer_state"]
 
 # The files of a Hugging Face checkpoint directory that raydapt copies (weights, config, tokenizer).
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -89,31 +89,40 @@ def load_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-def save_optimizer_state(state: dict, path: str | Path) -> None:
-    """A torch optimizer's state_dict as safetensors (the per-parameter tensors) with the rest
-    (param_groups, any non-tensor per-parameter value) as JSON in the header: no pickle to load."""
-    from safetensors.torch import save_file
-
+def optimizer_arrays(state: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """A torch optimizer's state_dict as (per-parameter tensors by "index.name", the rest as JSON):
+    what safetensors can hold, with no pickle to load back."""
     tensors, plain = {}, {}
     for index, values in state["state"].items():
         for name, value in values.items():
-            key = f"{index}.{name}"
             if isinstance(value, torch.Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
             else:
-                plain[key] = value
-    save_file(tensors, str(path), metadata={"param_groups": json.dumps(state["param_groups"]),
-                                            "plain": json.dumps(plain)})
+                plain[f"{index}.{name}"] = value
+    return tensors, json.dumps({"param_groups": state["param_groups"], "plain": plain})
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], text: str) -> dict:
+    """The state_dict `optimizer_arrays` took apart, ready for `optimizer.load_state_dict`."""
+    rest = json.loads(text)
+    state: dict[int, dict] = {}
+    for key, value in (tensors | rest["plain"]).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_optimizer_state(state: dict, path: str | Path) -> None:
+    """A torch optimizer's state_dict as one safetensors file (the rest in its header)."""
+    from safetensors.torch import save_file
+
+    tensors, text = optimizer_arrays(state)
+    save_file(tensors, str(path), metadata={"optimizer": text})
 
 
 def load_optimizer_state(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The state_dict `save_optimizer_state` wrote, ready for `optimizer.load_state_dict`."""
+    """The state_dict `save_optimizer_state` wrote."""
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata()
-        entries = {key: f.get_tensor(key) for key in f.keys()}
-    entries |= json.loads(meta["plain"])
-    state: dict[int, dict] = {}
-    for key, value in entries.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": json.loads(meta["param_groups"])}
+        text = f.metadata()["optimizer"]
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return optimizer_state(tensors, text)
