@@ -35,6 +35,8 @@ RUNS = {  # name: (job, extra flags)
     "gradient-white-box": ("prompt_tuning", []),
     "comblm": ("comblm", []),
     "comblm-mix50": ("comblm", ["--fit-mix", "0.5"]),
+    "idpt": ("idpt", []),
+    "idpt-static": ("idpt", ["--method", "static"]),
 }
 NEEDS_RAY = ("comblm",)  # Ray Train and Ray tasks: --local does not apply
 
@@ -53,6 +55,11 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.gdfo.job import run_gdfo_job
         cfg = parse_args(GDFOConfig, argv, presets={"quick": QUICK})
         run_gdfo_job(cfg, runtime_for(cfg.local))
+    elif job == "idpt":
+        from raydapt.idpt.config import QUICK, IDPTConfig
+        from raydapt.idpt.job import run_idpt_job
+        cfg = parse_args(IDPTConfig, argv, presets={"quick": QUICK})
+        run_idpt_job(cfg, runtime_for(cfg.local))
     elif job == "comblm":
         from raydapt.comblm.config import QUICK, CombLMConfig
         from raydapt.comblm.job import run_comblm_job

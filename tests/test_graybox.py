@@ -151,12 +151,13 @@ def test_bad_requests_are_refused(tiny_checkpoints):
 @pytest.mark.cluster
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 def test_gradients_through_ray_actors_equal_autograd(ray_cluster, tiny_checkpoints, family):
-    """On Ray at S = 1, 2, 3 and R = 1, 2; for one family a stage is killed mid-step (its kept graph
-    is lost and rebuilt from the input ref) and the gradients are the same bits."""
+    """Llama on Ray at S = 1, 2, 3 and R = 1, 2, then a stage killed mid-step (its kept graphs are lost
+    and rebuilt from the input refs): the same bits. GPT-2 and OPT at S = 3, R = 2 (each split of
+    every family is checked in process above; the actors only move float32 arrays between them)."""
     directory, model = tiny_checkpoints[family]
     want = reference_gradients(model.float(), Coordinator())
     reference = None
-    splits = [(1, 1), (2, 2), (3, 1)] if family != "llama" else [(1, 2), (2, 1), (3, 2)]
+    splits = [(3, 2)] if family != "llama" else [(1, 1), (2, 2), (3, 2)]
     for stages, replicas in splits:
         pool = RayPool(PoolSpec(str(directory), stages=stages, replicas=replicas, graybox=True))
         try:

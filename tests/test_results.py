@@ -86,3 +86,23 @@ def test_readme_performance_figures_are_the_rendered_bench_files():
     for (begin, end), block in ((PERFORMANCE, performance_block(BENCH_DIR)), (AUTOSCALING, autoscaling_block(BENCH_DIR))):
         assert readme.split(begin, 1)[1].split(end, 1)[0] == f"\n{block}"
     assert (BENCH_DIR / "oracle.json").exists() and (BENCH_DIR / "search.json").exists()
+
+
+def idpt_run(method, seed, a, b, manual):
+    return {"method": method, "seed": seed, "tasks": ["t1", "t2"], "kinds": {"t1": "classification", "t2": "generation"},
+            "test_exact_match": {"t1": a, "t2": b}, "test_average": (a + b) / 2,
+            "manual_prompt_test_exact_match": {"t1": manual, "t2": 0.0}, "manual_prompt_test_average": manual / 2,
+            "trainable_parameters": 100 if method == "static" else 900, "config": {"steps": 30, "batch": 16}}
+
+
+def test_idpt_section_pairs_seeds(tmp_path):
+    runs = tmp_path / "results"
+    write_run(runs, "quick", "idpt", 1, idpt_run("idpt", 1, 0.6, 0.2, 0.5), [])
+    write_run(runs, "quick", "idpt", 2, idpt_run("idpt", 2, 0.8, 0.2, 0.5), [])
+    write_run(runs, "quick", "idpt-static", 1, idpt_run("static", 1, 0.5, 0.1, 0.5), [])
+    write_run(runs, "quick", "idpt-static", 2, idpt_run("static", 2, 0.5, 0.2, 0.5), [])
+    text = render(collect(runs))
+    # t1: ID-PT 60/80, static 50/50, paired differences 10 and 30 -> 20.00 ± 14.14
+    assert "| t1 | classification | 50.00 ± 0.00 | 50.00 ± 0.00 | 70.00 ± 14.14 | 20.00 ± 14.14 |" in text
+    assert "| average |  | 25.00 ± 0.00 | 32.50 ± 3.54 | 45.00 ± 7.07 | 12.50 ± 3.54 |" in text
+    assert "ID-PT" not in readme_block(collect(runs))  # the README block stays the default task's
