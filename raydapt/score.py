@@ -75,6 +75,9 @@ def read_corpus(path: Path, model_dir: Path, max_positions: int, vocab_size: int
             elif isinstance(record, dict) and isinstance(record.get("text"), str):
                 tokenizer = tokenizer or _tokenizer(model_dir)
                 ids = tokenizer(record["text"])["input_ids"]
+                if not ids:
+                    raise UserError(f"--input {path} line {line_no}: \"text\" has no tokens; give some text "
+                                    "or leave the line out")
             else:
                 raise UserError(f"{path} line {line_no}: needs a \"text\" (string) or \"input_ids\" (list) field")
             if len(ids) > max_positions:

@@ -110,6 +110,8 @@ ROWS = [
     (SCORE, "--model {truncated} --input {corpus} --output {out}", ["corrupted safetensors file"]),
     (SCORE, "--model {llama} --input {corpus_bad_json} --output {out}", ["line 2: not valid JSON"]),
     (SCORE, "--model {llama} --input {corpus_no_ids} --output {out}", ["line 1: needs a \"text\"", "\"input_ids\""]),
+    (SCORE, "--input {corpus_empty_text} --output {out}", ["--input", "line 2: \"text\" has no tokens"]),
+    (SCORE, "--model {llama} --input {corpus_text} --output {out}", ["has no usable tokenizer", "give \"input_ids\""]),
     (SCORE, "--model {llama} --input {corpus_long} --output {out}",
      ["line 1: 65 tokens, longer than the model's context of 64"]),
     (SCORE, "--model {llama} --stages 5 --input {corpus} --output {out}", ["--stages 5", "4 layers"]),
@@ -164,6 +166,8 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "corpus": _jsonl(tmp / "in.jsonl", [{"input_ids": [1, 2, 3, 4]}]),
         "corpus_bad_json": _write(tmp / "bad1.jsonl", '{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n'),
         "corpus_no_ids": _jsonl(tmp / "bad2.jsonl", [{"tokens": [1, 2]}]),
+        "corpus_empty_text": _jsonl(tmp / "bad4.jsonl", [{"text": "x = 1"}, {"text": ""}]),
+        "corpus_text": _jsonl(tmp / "text.jsonl", [{"text": "x = 1"}]),  # the tiny llama has no tokenizer files
         "corpus_long": _jsonl(tmp / "bad3.jsonl", [{"input_ids": list(range(65))}]),
         "blocker": blocker,
         "other_tokenizer": _other_tokenizer(tmp),
