@@ -167,6 +167,8 @@ class Student:
         return buf.getvalue()
 
     def load_state(self, data: bytes) -> None:
+        # `data` comes out of a checkpoint whose signature load_checkpoint checked (this installation
+        # wrote it), and torch's restricted unpickler reads it besides.
         state = torch.load(io.BytesIO(data), weights_only=True)
         self.model.load_state_dict(state["model"])
         with torch.no_grad():
