@@ -20,7 +20,8 @@ import torch
 
 from raydapt.bbt.job import prepare_output_dir
 from raydapt.config import to_dict
-from raydapt.data.multitask import EncodedMulti, encode_multitask, load_multitask
+from raydapt.data.multitask import IGNORE, EncodedMulti, encode_multitask, load_multitask
+from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.graybox import FrozenLM, ShardedGrayBox
@@ -143,7 +144,7 @@ def _train(cfg, out: Path, frozen: FrozenLM, module, opt, data: dict, multi, ste
             width = int(train.lengths[rows].max())
             answer = frozen(train.input_ids[rows, :width], train.lengths[rows], train.labels[rows, :width],
                             prompt=prompt)
-            targets = int((train.labels[rows] != -100).sum())
+            targets = int((train.labels[rows] != IGNORE).sum())
             loss = answer["loss"].sum() / targets
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,7 +198,8 @@ def exact_match(frozen: FrozenLM, module, enc: EncodedMulti, multi) -> dict[str,
     if module is not None:
         module.eval()
     classes = _class_tokens(enc, multi)
-    right = np.zeros(len(enc.lengths), bool)
+    predicted = np.full(enc.input_ids.shape, -1, np.int64)  # argmax at position p - 1, for token p
+    chosen = np.full(len(enc.lengths), -1, np.int64)       # a classification row's pick among its words
     for start in range(0, len(enc.lengths), EVAL_ROWS):
         rows = np.arange(start, min(start + EVAL_ROWS, len(enc.lengths)))
         prompt = None if module is None else module(*_sources(enc, rows))
@@ -207,14 +209,15 @@ def exact_match(frozen: FrozenLM, module, enc: EncodedMulti, multi) -> dict[str,
         tokens = np.minimum(first[:, None] + np.arange(span)[None, :], (last - 1)[:, None])  # (n, K), last repeated
         width = int(last.max())
         logits = frozen(enc.input_ids[rows, :width], last, positions=tokens - 1 + shift, prompt=prompt)["logits"]
-        gold = enc.input_ids[rows[:, None], tokens]
-        for i, row in enumerate(rows):
-            task = int(enc.task[row])
-            if classes[task] is not None:
-                words = classes[task]
-                right[row] = words[int(logits[i, 0, words].argmax())] == gold[i, 0]
-            else:
-                right[row] = bool((logits[i].argmax(-1).numpy() == gold[i]).all())
+        predicted[rows[:, None], tokens - 1] = logits.argmax(-1).numpy()
+        for task, words in enumerate(classes):
+            here = enc.task[rows] == task
+            if words is not None and here.any():
+                chosen[rows[here]] = np.asarray(words)[logits[here, 0][:, words].argmax(-1).numpy()]
+    right = multitask_exact_match(predicted, enc)
+    gold_first = enc.input_ids[np.arange(len(enc.lengths)), enc.target_start]
+    is_classification = np.isin(enc.task, [t for t, words in enumerate(classes) if words is not None])
+    right[is_classification] = (chosen == gold_first)[is_classification]
     return {name: float(right[enc.task == t].mean()) for t, name in enumerate(multi.names)
             if (enc.task == t).any()}
 
