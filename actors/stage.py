@@ -125,8 +125,7 @@ class StageWorker:
         which gives the same numbers: the input travels as an object ref that outlives the actor."""
         self._allow_graybox()
         kept = self.kept.pop(key, None)
-        leaf, output = kept if kept is not None else stage_graph(self.shard, mb | {"for_backward": True},
-                                                                 hidden, self.device)
+        leaf, output = kept if kept is not None else stage_graph(self.shard, mb, hidden, self.device)
         return stage_vjp(leaf, output, grad)
 
     def kept_graphs(self) -> int:

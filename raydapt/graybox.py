@@ -187,14 +187,14 @@ def _prompt_len(request: GrayBoxRequest) -> int:
 
 def _split_grad(grad_x: np.ndarray, request: GrayBoxRequest) -> dict[str, np.ndarray]:
     """The gradient of the prompted input embeddings, cut into the request's own inputs."""
-    o, length, width = request.offset, _prompt_len(request), request.input_ids.shape[1]
+    o, length = request.offset, _prompt_len(request)
     out = {}
     if request.prompt is not None:
         out["prompt"] = grad_x[:, o:o + length]
     if request.inputs_embeds is not None:
-        rest = np.concatenate([grad_x[:, :o], grad_x[:, o + length:]], 1)
+        rest = np.concatenate([grad_x[:, :o], grad_x[:, o + length:]], 1)  # (N, longest row, E)
         out["inputs_embeds"] = np.zeros_like(request.inputs_embeds)
-        out["inputs_embeds"][:, : min(width, rest.shape[1])] = rest[:, :width]
+        out["inputs_embeds"][:, : rest.shape[1]] = rest
     return out
 
 
