@@ -100,15 +100,21 @@ class SearchMetrics:
                 self.gauges[name].set(float(value), self.tags)
 
 
+@functools.cache
+def _trainer_gauges() -> tuple:
+    from ray.util.metrics import Gauge
+
+    return (Gauge("raydapt_trainer_step", "optimizer steps completed", tag_keys=("run",)),
+            Gauge("raydapt_trainer_loss", "training loss, mean over workers", tag_keys=("run",)))
+
+
 class TrainerMetrics:
-    """A Ray Train run (CombLM's expert fine-tuning, reported by rank 0): step and loss."""
+    """A training loop (CombLM's expert fine-tuning from Ray Train's rank 0; an ID-PT run in its
+    coordinator): step and loss, tagged by run, so several runs in one process keep their series."""
 
     def __init__(self, run: str):
-        from ray.util.metrics import Gauge
-
         self.tags = {"run": run}
-        self.step = Gauge("raydapt_trainer_step", "optimizer steps completed", tag_keys=("run",))
-        self.loss = Gauge("raydapt_trainer_loss", "training loss, mean over workers", tag_keys=("run",))
+        self.step, self.loss = _trainer_gauges()
 
     def record(self, step: int, loss: float) -> None:
         self.step.set(step, self.tags)
