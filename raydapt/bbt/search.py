@@ -162,6 +162,10 @@ class PromptSearch:
         return self.cfg.popsize
 
     def run(self, state: SearchState) -> SearchState:
+        with progress_bar(self.cfg.budget, state.api_calls, self.out_dir.name) as bar:  # an ETA over API calls
+            return self._run(state, bar)
+
+    def _run(self, state: SearchState, bar) -> SearchState:
         cfg = self.cfg
         log_path = self.out_dir / "log.jsonl"
         # Rows the checkpoint does not count (a kill after a row, before its checkpoint, even the
@@ -169,31 +173,30 @@ class PromptSearch:
         truncate_jsonl(log_path, state.log_rows)
         started = time.perf_counter() - state.elapsed_s
         mark, oracle_mark = time.perf_counter(), self.oracle_seconds  # then: the previous row's write
-        with progress_bar(cfg.budget, state.api_calls, self.out_dir.name) as bar:  # an ETA over API calls
-            while state.api_calls + self.generation_calls(state) <= cfg.budget:
-                row = self.step(state)
-                last = state.api_calls + self.generation_calls(state) > cfg.budget
-                if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
-                    row |= self.score_dev(state)
-                now = time.perf_counter()
-                state.elapsed_s = now - started
-                row["elapsed_s"] = round(state.elapsed_s, 3)
-                oracle_s = self.oracle_seconds - oracle_mark
-                coordinator_s = max(0.0, now - mark - oracle_s)
-                state.oracle_s += oracle_s
-                state.coordinator_s += coordinator_s
-                row["oracle_s"], row["coordinator_s"] = round(oracle_s, 6), round(coordinator_s, 6)
-                mark, oracle_mark = now, self.oracle_seconds
-                append_jsonl(log_path, row)
-                state.log_rows += 1
-                self.checkpoint(state)
-                if self.reporter is not None:
-                    self.reporter.generation(row | {"best_dev_accuracy": state.best_dev_accuracy})
-                if state.generation % cfg.log_every == 0 or last:
-                    self.progress(self._summary_line(state, row))
-                bar.update(state.api_calls - bar.n)
-                bar.set_postfix(best_train_loss=f"{state.best_train_loss:.4f}",
-                                best_dev_acc=f"{state.best_dev_accuracy:.3f}", refresh=False)
+        while state.api_calls + self.generation_calls(state) <= cfg.budget:
+            row = self.step(state)
+            last = state.api_calls + self.generation_calls(state) > cfg.budget
+            if state.api_calls // cfg.dev_every > state.dev_scored_at // cfg.dev_every or last:
+                row |= self.score_dev(state)
+            now = time.perf_counter()
+            state.elapsed_s = now - started
+            row["elapsed_s"] = round(state.elapsed_s, 3)
+            oracle_s = self.oracle_seconds - oracle_mark
+            coordinator_s = max(0.0, now - mark - oracle_s)
+            state.oracle_s += oracle_s
+            state.coordinator_s += coordinator_s
+            row["oracle_s"], row["coordinator_s"] = round(oracle_s, 6), round(coordinator_s, 6)
+            mark, oracle_mark = now, self.oracle_seconds
+            append_jsonl(log_path, row)
+            state.log_rows += 1
+            self.checkpoint(state)
+            if self.reporter is not None:
+                self.reporter.generation(row | {"best_dev_accuracy": state.best_dev_accuracy})
+            if state.generation % cfg.log_every == 0 or last:
+                self.progress(self._summary_line(state, row))
+            bar.update(state.api_calls - bar.n)
+            bar.set_postfix(best_train_loss=f"{state.best_train_loss:.4f}",
+                            best_dev_acc=f"{state.best_dev_accuracy:.3f}", refresh=False)
         return state
 
     def _summary_line(self, state: SearchState, row: dict) -> str:
