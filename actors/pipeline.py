@@ -27,6 +27,7 @@ class LocalPool:
         spec.validate()
         self.info = model_info(spec.model_dir)
         self.n_replicas = spec.replicas
+        self.prefix_sharing = spec.prefix_sharing
         # Each replica owns its stages, as on Ray: a replica-invariance test then compares real copies.
         self.replicas = [[StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
                                       simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0,
@@ -90,6 +91,7 @@ class RayPool:
         self._ray = ray
         self.info = model_info(spec.model_dir)
         self.n_replicas = spec.replicas
+        self.prefix_sharing = spec.prefix_sharing
         model_dir = str(Path(spec.model_dir).resolve())
         bundle = {"CPU": spec.cpus_per_stage, **({"GPU": spec.gpus_per_stage} if spec.gpus_per_stage else {})}
         threads = spec.threads or max(1, int(spec.cpus_per_stage))
@@ -174,8 +176,9 @@ class RayPool:
 
 
 def local_oracle(model_dir: str | Path, stages: int = 1, micro_batch_size: int = 32,
-                 budget: Budget | None = None, threads: int | None = None) -> ShardedOracle:
-    pool = LocalPool(PoolSpec(str(model_dir), stages=stages, threads=threads))
+                 budget: Budget | None = None, threads: int | None = None,
+                 prefix_sharing: bool = True) -> ShardedOracle:
+    pool = LocalPool(PoolSpec(str(model_dir), stages=stages, threads=threads, prefix_sharing=prefix_sharing))
     return ShardedOracle(pool, micro_batch_size, budget or Budget())
 
 

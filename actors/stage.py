@@ -17,6 +17,7 @@ import torch
 from raydapt.bbt.space import clipped_std
 from raydapt.graybox import stage_graph, stage_vjp
 from raydapt.models.heads import token_stats
+from raydapt.models.prefix import run_blocks_shared
 from raydapt.models.shard import DTYPES, load_shard
 
 __all__ = ["StageWorker"]
@@ -83,6 +84,8 @@ class StageWorker:
         mode = mb.get("mode", "add")
         if mb["kind"] == "statistics":
             return self._statistics(mb, hidden)
+        if mb.get("shared"):
+            return self._forward_shared(mb, hidden, prompts)
         if shard.is_first:
             ids = torch.from_numpy(mb["input_ids"]).to(self.device)
             shallow = None
@@ -98,13 +101,41 @@ class StageWorker:
         if not shard.is_last:
             return h.float().cpu().numpy()
         if mb["kind"] == "labels":
-            at = h[torch.arange(h.shape[0]), torch.from_numpy(mb["answer_pos"]).to(self.device)]  # (M,D)
-            return shard.logits(at)[:, torch.from_numpy(mb["label_ids"]).to(self.device)].cpu().numpy()
+            return self._label_logits(mb, h)
         ids = torch.from_numpy(mb["input_ids"]).to(self.device)
         # One row at a time through the head: (T,V) logits, not (M,T,V), for large vocabularies.
         parts = [token_stats(shard.logits(h[i:i + 1]), ids[i:i + 1], mb["top_k"], mb["full"])
                  for i in range(h.shape[0])]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _label_logits(self, mb: dict, h: torch.Tensor) -> np.ndarray:
+        at = h[torch.arange(h.shape[0]), torch.from_numpy(mb["answer_pos"]).to(self.device)]  # (M,D)
+        return self.shard.logits(at)[:, torch.from_numpy(mb["label_ids"]).to(self.device)].cpu().numpy()
+
+    def _forward_shared(self, mb: dict, hidden: tuple | None, prompts: np.ndarray | None):
+        """A micro-batch whose rows share their candidate's prefix (raydapt.models.prefix): the
+        prefix runs once per candidate, (C, Lp), the rows' remaining positions (M, Ts) against it.
+        Between stages the hidden states travel as the pair (prefix (C,Lp,D), rows (M,Ts,D))."""
+        shard, mode, offset = self.shard, mb["mode"], mb["offset"]
+        cands = mb["prefix_index"]                                          # (C,) candidates
+        if shard.is_first:
+            ids = torch.from_numpy(mb["prefix_ids"]).to(self.device).expand(len(cands), -1)  # (C, split)
+            shallow = None
+            if prompts is not None and mode in ("add", "cat"):
+                shallow = torch.from_numpy(prompts[cands]).to(self.device)
+            prefix = shard.embed(ids, shallow, mode=mode, offset=offset)   # (C, Lp, D)
+            x = shard.token_embeddings(torch.from_numpy(mb["input_ids"]).to(self.device))
+            rows = shard.embed_vectors(x, start=prefix.shape[1])           # (M, Ts, D)
+        else:
+            prefix, rows = (torch.from_numpy(a).to(self.device, self.dtype) for a in hidden)
+        deep = None
+        if prompts is not None and mode == "deep":
+            deep = torch.from_numpy(prompts[cands][:, shard.layers.start:shard.layers.stop]).to(self.device)
+        owner = torch.from_numpy(mb["owner"]).to(self.device)
+        prefix, rows = run_blocks_shared(shard, prefix, rows, owner, deep, offset)
+        if not shard.is_last:
+            return prefix.float().cpu().numpy(), rows.float().cpu().numpy()
+        return self._label_logits(mb, rows)
 
     # --- gray box ------------------------------------------------------------------------------
     def train_forward(self, key: str, mb: dict, hidden: np.ndarray | None):
@@ -157,9 +188,10 @@ class StageWorker:
         else:
             h = torch.from_numpy(stats.pop("hidden")).to(self.device, self.dtype)
         real = torch.arange(h.shape[1], device=h.device)[None, :] < torch.from_numpy(mb["lengths"]).to(h.device)[:, None]
-        for block in shard.blocks:
+        kwargs = shard.block_kwargs(h)
+        for i, block in enumerate(shard.blocks):
             stats["hidden_std"].append(clipped_std(h[real].float().cpu().numpy()))
-            out = block(h, **shard.block_kwargs(h))
+            out = block(h, **shard.with_window(kwargs, i, h.shape[1]))
             h = out[0] if isinstance(out, tuple) else out
         if not shard.is_last:
             stats["hidden"] = h.float().cpu().numpy()

@@ -5,7 +5,15 @@ sequences. It never returns weights, hidden states or gradients. It counts what 
 refuses a request that would exceed its budget. `ShardedOracle` implements the protocol over a
 pool of pipeline replicas (in-process or Ray actors; see `actors.pipeline`): it cuts each request
 into micro-batches of a fixed size, sorted by length, so that every row is computed with the same
-shapes whatever the number of replicas or stages, and results do not depend on either.
+shapes whatever the number of replicas or stages, and results do not depend on either (bitwise;
+another micro-batch size changes them within float rounding).
+
+Prefix sharing (on unless the pool's spec turns it off): when every row of a label-logits request
+starts with the same tokens, which hold the prompt (add, deep) or come before it (cat), each
+micro-batch is a tile of C candidates x m examples of similar length; the stages run the prompted
+prefix once per candidate of the tile and the rows' remaining positions against its keys and values
+(`raydapt.models.prefix`). The tile shape is chosen from the request and the micro-batch size
+alone, so results still do not depend on R or S.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import numpy as np
 from raydapt.errors import UserError
 
 __all__ = ["Usage", "Budget", "BudgetExceededError", "BlackBoxOracle", "TokenScores", "ModelInfo",
-           "ReplicaPool", "ShardedOracle", "PROMPT_MODES", "GrayBoxOracle", "GrayBoxRequest", "GrayUsage"]
+           "ReplicaPool", "ShardedOracle", "PROMPT_MODES", "shared_prefix", "GrayBoxOracle", "GrayBoxRequest", "GrayUsage"]
 
 PROMPT_MODES = ("add", "cat", "deep")
 
@@ -146,6 +154,7 @@ class ReplicaPool(Protocol):
     """Where micro-batches run: `actors.pipeline.LocalPool` (in-process) or `RayPool` (actors)."""
     info: ModelInfo
     n_replicas: int
+    prefix_sharing: bool  # PoolSpec.prefix_sharing: run a shared prompt prefix once per candidate
 
     def put(self, value: Any) -> Any: ...
     def submit(self, replica: int, micro_batch: dict, prompts: Any) -> Any: ...
@@ -191,16 +200,23 @@ class ShardedOracle:
             raise UserError(f"label token ids {label_ids} must be in [0, {self.info.vocab_size})")
         self._charge(Usage(calls=n_prompts, examples=n_prompts * len(lengths),
                            tokens=n_prompts * int((lengths + extra).sum()), requests=1))
-        rows = _rows_by_length(lengths, n_prompts)             # (P*N, 2): (prompt, example)
-        batches = []
-        for chunk in _chunks(rows, self.micro_batch_size):
-            ex = chunk[:, 1]
-            batches.append({"kind": "labels", "input_ids": input_ids[ex, : int(lengths[ex].max())],
-                            "answer_pos": lengths[ex] - 1 + extra, "prompt_index": chunk[:, 0],
-                            "label_ids": np.asarray(label_ids), "mode": mode, "offset": offset})
+        common = {"kind": "labels", "label_ids": np.asarray(label_ids), "mode": mode, "offset": offset}
+        split = None
+        if getattr(self.pool, "prefix_sharing", True):
+            split = shared_prefix(input_ids, lengths, 0 if prompts is None else prompts.shape[-2], mode, offset)
+        if split is None:
+            rows = _rows_by_length(lengths, n_prompts)             # (P*N, 2): (prompt, example)
+            real = list(_chunks(rows, self.micro_batch_size, pad=False))
+            batches = []
+            for chunk in _chunks(rows, self.micro_batch_size):
+                ex = chunk[:, 1]
+                batches.append(common | {"input_ids": input_ids[ex, : int(lengths[ex].max())],
+                                         "answer_pos": lengths[ex] - 1 + extra, "prompt_index": chunk[:, 0]})
+        else:
+            real, batches = _shared_batches(input_ids, lengths, n_prompts, split, extra, self.micro_batch_size, common)
         results = self._run(batches, prompts)
         out = np.zeros((n_prompts, len(lengths), len(label_ids)), np.float32)
-        for chunk, res in zip(_chunks(rows, self.micro_batch_size, pad=False), results):
+        for chunk, res in zip(real, results):
             out[chunk[:, 0], chunk[:, 1]] = res[: len(chunk)]
         return out
 
@@ -278,6 +294,61 @@ def _rows_by_length(lengths: np.ndarray, n_prompts: int) -> np.ndarray:
     prompt_idx = np.tile(np.arange(n_prompts), len(order))
     example_idx = np.repeat(order, n_prompts)
     return np.stack([prompt_idx, example_idx], axis=1)
+
+
+def shared_prefix(input_ids: np.ndarray, lengths: np.ndarray, prompt_length: int, mode: str,
+                  offset: int) -> int | None:
+    """How many leading tokens every row shares and the stages run once per candidate, or None
+    when no prefix can be shared: it must hold the prompt slots (add, deep) or reach the prompt's
+    insertion point (cat), and leave every row at least its answer position of its own."""
+    head = input_ids[:, : int(lengths.min()) - 1]
+    same = (head == head[:1]).all(0)
+    split = int(same.shape[0] if same.all() else np.argmin(same))
+    if prompt_length == 0:
+        need = 1
+    else:
+        need = offset if mode == "cat" else offset + prompt_length
+    return split if split >= need else None
+
+
+def _tile(lengths: np.ndarray, n_prompts: int, size: int, prefix: int) -> tuple[int, int]:
+    """(m, c): micro-batches of c candidates x m examples (c * m <= size), the shape that computes
+    the fewest positions (each tile's prefix once per candidate, its rows padded to its longest)
+    for this request. It depends on the request and `size` only, never on R or S."""
+    ordered = np.sort(lengths)
+    best = None
+    for m in range(1, min(size, len(lengths)) + 1):
+        c = min(size // m, n_prompts)
+        longest = ordered[np.minimum(np.arange(m - 1, len(ordered) + m - 1, m), len(ordered) - 1)]
+        cost = -(-n_prompts // c) * c * (len(longest) * prefix + m * int(longest.sum()))
+        if best is None or cost <= best[0]:
+            best = (cost, m, c)
+    return best[1], best[2]
+
+
+def _shared_batches(input_ids, lengths, n_prompts: int, split: int, extra: int, size: int, common: dict
+                    ) -> tuple[list[np.ndarray], list[dict]]:
+    """Micro-batches that share each candidate's prefix (the first `split` tokens, plus the prompt in
+    cat mode): ([(rows, 2) real (prompt, example) rows of each], [micro-batch dicts]). Every
+    micro-batch has c * m rows and c prefixes (the last ones repeated where a tile is short)."""
+    m, c = _tile(lengths - split, n_prompts, size, split + extra)
+    order = np.argsort(lengths, kind="stable")
+    real, batches = [], []
+    for start in range(0, len(order), m):
+        examples = order[start:start + m]
+        width = int(lengths[examples].max())
+        for first in range(0, n_prompts, c):
+            cands = np.arange(first, min(first + c, n_prompts))
+            rows = np.stack([np.repeat(cands, len(examples)), np.tile(examples, len(cands))], 1)
+            real.append(rows)
+            rows = np.concatenate([rows, np.repeat(rows[-1:], c * m - len(rows), 0)])
+            ex = rows[:, 1]
+            batches.append(common | {
+                "shared": True, "prefix_ids": input_ids[0, :split],
+                "prefix_index": np.concatenate([cands, np.repeat(cands[-1:], c - len(cands))]),
+                "owner": rows[:, 0] - first, "prompt_index": rows[:, 0],
+                "input_ids": input_ids[ex, split:width], "answer_pos": lengths[ex] - 1 - split})
+    return real, batches
 
 
 def _chunks(rows: np.ndarray, size: int, pad: bool = True):

@@ -36,6 +36,9 @@ class PoolSpec:
     simulated_latency_ms: float = 0.0
     # Gray-box stages (raydapt.graybox) also run backward; a black-box pool's stages refuse it.
     graybox: bool = False
+    # Label-logits requests whose rows share a prompted prefix run it once per candidate
+    # (raydapt.models.prefix); equal to the unshared path within float rounding, every family.
+    prefix_sharing: bool = True
 
     @property
     def simulated_latency_s(self) -> float:

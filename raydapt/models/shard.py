@@ -3,7 +3,9 @@
 The Hugging Face model is built on the `meta` device (shapes only, no memory); the stage keeps
 the modules it owns, allocates them, and fills them with its own tensors read from safetensors.
 Hidden states are right-padded, so sdpa's causal path is exact for every real position and
-positions are simply 0..T-1.
+positions are simply 0..T-1 (or start..start+T-1 for the text after a shared prefix, see
+`raydapt.models.prefix`). A sliding window (Mistral, Qwen2 with use_sliding_window) is a mask,
+built only when a sequence is longer than the window: shorter ones are exactly causal.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from raydapt.models.families import Family
 from raydapt.models.prompts import add_at_slots
 from raydapt.models.sharding import plan_stages
 
-__all__ = ["Shard", "load_shard", "stage_plan", "DTYPES"]
+__all__ = ["Shard", "load_shard", "stage_plan", "attention_mask", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +67,8 @@ class Shard(nn.Module):
     """Blocks `layers` of a decoder, plus the embeddings (first stage) or norm and head (last)."""
 
     def __init__(self, family: Family, layers: range, n_layers: int, owned: dict[str, nn.Module | None],
-                 blocks: list[nn.Module], rotary: nn.Module | None, max_positions: int):
+                 blocks: list[nn.Module], rotary: nn.Module | None, max_positions: int,
+                 windows: list[int | None] | None = None):
         super().__init__()
         self.family, self.layers, self.n_layers = family, layers, n_layers
         self.is_first, self.is_last = layers.start == 0, layers.stop == n_layers
@@ -74,6 +77,7 @@ class Shard(nn.Module):
         self.modules_by_path = {k: m for k, m in owned.items()}  # dotted paths for the family table
         self.blocks = nn.ModuleList(blocks)
         self.rotary = rotary
+        self.windows = list(windows) if windows is not None else [None] * len(blocks)  # per block
 
     # --- first stage -------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, prompt: torch.Tensor | None = None, mode: str = "add",
@@ -92,10 +96,10 @@ class Shard(nn.Module):
         """input_ids (B,T) -> the token embeddings (B,T,E), before positions."""
         return self.modules_by_path[self.family.embed_tokens](input_ids)
 
-    def embed_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """Input embeddings (B,T,E) -> the first block's input (B,T,D): positions added (learned
-        position families), projected where the family projects."""
-        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    def embed_vectors(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Input embeddings (B,T,E) at positions start..start+T-1 -> the first block's input (B,T,D):
+        positions added (learned position families), projected where the family projects."""
+        pos = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.family.embed(self.modules_by_path, x, pos)
 
     # --- every stage -------------------------------------------------------------------------
@@ -107,23 +111,51 @@ class Shard(nn.Module):
         for i, block in enumerate(self.blocks):
             if deep_prompt is not None:
                 hidden = add_at_slots(hidden, deep_prompt[:, i], offset)
-            out = block(hidden, **kwargs)
+            out = block(hidden, **self.with_window(kwargs, i, hidden.shape[1]))
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def block_kwargs(self, hidden: torch.Tensor) -> dict:
-        """Keyword arguments of every block: no mask (sdpa's causal path), positions 0..T-1."""
-        pos = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+    def block_kwargs(self, hidden: torch.Tensor, start: int = 0) -> dict:
+        """Keyword arguments of every block: no mask (sdpa's causal path), positions
+        start..start+T-1 (start > 0: the text after a shared prefix, whose mask the caller sets)."""
+        pos = torch.arange(start, start + hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
         kwargs = {"attention_mask": None, "position_ids": pos}
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.rotary(hidden, pos)
         return kwargs
+
+    def with_window(self, kwargs: dict, block: int, length: int) -> dict:
+        """`kwargs` with block `block`'s sliding-window mask when a sequence of `length` positions
+        (from 0) is longer than its window; as is otherwise (the causal path is then exact)."""
+        window = self.windows[block]
+        if window is None or length <= window:
+            return kwargs
+        return kwargs | {"attention_mask": attention_mask(length, length, window, kwargs["position_ids"].device)}
 
     # --- last stage --------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> next-token logits (..., V), in float32."""
         h = self.family.finish(self.modules_by_path, hidden)
         return self.modules_by_path[self.family.head](h).float()
+
+
+def attention_mask(queries: int, keys: int, window: int | None, device) -> torch.Tensor:
+    """(1, 1, queries, keys) bool, True where a query may attend: the queries are the last
+    `queries` of `keys` positions, causal, and within `window` positions when one is given."""
+    q = torch.arange(keys - queries, keys, device=device)[:, None]
+    k = torch.arange(keys, device=device)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= q - k < window  # Hugging Face's sliding window: kv_idx > q_idx - window
+    return allowed[None, None]
+
+
+def _windows(config, layers: range) -> list[int | None]:
+    """Each block's sliding window (Mistral: every layer; Qwen2: the layers its config marks
+    "sliding_attention", none unless use_sliding_window); None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return [window if window and (types is None or types[i] == "sliding_attention") else None for i in layers]
 
 
 def load_shard(model_dir: str | Path, n_stages: int, stage: int, dtype: str = "float32",
@@ -150,7 +182,7 @@ def load_shard(model_dir: str | Path, n_stages: int, stage: int, dtype: str = "f
     if family.rotary:
         rotary = type(skeleton.get_submodule(family.rotary))(config=config).to(device)
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    shard = Shard(family, layers, plan.n_layers, owned, blocks, rotary, max_positions)
+    shard = Shard(family, layers, plan.n_layers, owned, blocks, rotary, max_positions, _windows(config, layers))
     return shard.eval().requires_grad_(False)
 
 
