@@ -80,6 +80,8 @@ class BBTConfig(TaskConfig):
     placement: str = field("PACK", "placement group strategy of a replica's stages",
                            choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     micro_batch: int = field(32, "rows per micro-batch (fixed: results do not depend on replicas/stages)")
+    prefix_sharing: bool = field(True, "run the prompt prefix once per candidate in each stage, not once per "
+                                 "example (equal within float rounding; false: every row runs it)")
     local: bool = field(False, "serve the model in this process instead of Ray actors")
     fault_injection: str = field("", "kill-stage:after-calls=N[,stage=S][,replica=R]: kill a stage actor "
                                  "mid-run to check that the run survives it with the same result")

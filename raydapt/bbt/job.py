@@ -110,7 +110,7 @@ def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=
     # Every input check before any actor starts: a bad flag costs a second, not a cluster launch.
     make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, 1, seed=cfg.seed, sigma=cfg.sigma)
     spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,
-                    strategy=cfg.placement)
+                    strategy=cfg.placement, prefix_sharing=cfg.prefix_sharing)
     spec.validate()
     fault = FaultInjection.parse(cfg.fault_injection)
     if fault and runtime.local:

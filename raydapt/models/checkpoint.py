@@ -47,11 +47,8 @@ def model_info(model_dir: str | Path) -> ModelInfo:
     config, _ = read_config(model_dir)
     hidden = config.hidden_size
     embed = getattr(config, "word_embed_proj_dim", None) or hidden
+    # A sliding window (Mistral, Qwen2) does not shorten the context: stages mask it (Shard.with_window).
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        # Stages use the causal sdpa path without a window: serve only what the window covers.
-        max_positions = min(max_positions, window)
     return ModelInfo(config.model_type, config.num_hidden_layers, config.vocab_size, embed, hidden, max_positions)
 
 
