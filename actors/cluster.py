@@ -1,5 +1,6 @@
-"""Connecting to Ray: a running cluster when there is one (RAY_ADDRESS, `ray job submit`), else a
-local Ray started in-process. Token authentication stays on (Ray 2.60's default)."""
+"""Connecting to Ray: the cluster RAY_ADDRESS names (`ray job submit` sets it; `RAY_ADDRESS=auto`
+picks the latest `ray start` on this machine), else a new local Ray started in-process. Token
+authentication stays on (Ray 2.60's default)."""
 from __future__ import annotations
 
 import logging
@@ -17,4 +18,6 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, quiet: bool =
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)  # a job submitted to a cluster
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)
+        # "local": never join whatever cluster this machine started last (ray.init's default without
+        # an address), which is someone else's, sized for something else, and refuses num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, **kwargs)

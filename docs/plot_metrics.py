@@ -54,8 +54,8 @@ def main() -> None:
     from raydapt.gdfo.job import run_gdfo_job
 
     temp_dir = tempfile.mkdtemp(prefix="rdpt-metrics-", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=args.port, logging_level="ERROR",
-             _temp_dir=temp_dir)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=args.port,
+             logging_level="ERROR", _temp_dir=temp_dir)
     out = Path(tempfile.mkdtemp(prefix="gdfo-metrics-"))
     cfg = parse_args(GDFOConfig, ["--quick", "--seed", "7", "--baseline", "none", "--output-dir", str(out / "run")],
                      presets={"quick": QUICK})
