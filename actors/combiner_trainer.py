@@ -1,6 +1,7 @@
-"""CombLM's combiners fitted in one Ray Train run: W workers split the combiners round-robin, each
-fits its share on one thread (`raydapt.comblm.combiners.fit_and_evaluate`) and writes them as
-safetensors + JSON into the run's checkpoint, which Ray Train merges from every worker.
+"""CombLM's combiners fitted in one Ray Train run: W workers split the combiners, balanced by their
+measured cost (`raydapt.comblm.combiners.balance_fits`); each fits its share on one thread
+(`raydapt.comblm.combiners.fit_and_evaluate`) and writes them as safetensors + JSON into the run's
+checkpoint, which Ray Train merges from every worker.
 
 The combiners are independent and small (thousands to millions of parameters on cached outputs),
 so workers split the combiners rather than the data: no gradient exchange, and a combiner's bits do
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raydapt.comblm.combiners import fit_and_evaluate
+from raydapt.comblm.combiners import balance_fits, fit_and_evaluate
 
 __all__ = ["fit_combiners_on_train"]
 
@@ -24,7 +25,7 @@ EMPTY = "empty"  # a combiner without parameters (mean) is saved as one empty te
 
 
 def _fit_share(config: dict) -> None:
-    """A Train worker: fit the combiners i with i % world == rank, report them as one checkpoint."""
+    """A Train worker: fit the combiners balance_fits gives this rank, report them as one checkpoint."""
     import ray
     import ray.train
     from safetensors.numpy import save_file
@@ -33,8 +34,9 @@ def _fit_share(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     fits, tests = ray.get(config["fits"]), ray.get(config["tests"])
     out = Path(tempfile.mkdtemp(prefix="rdpt-combiners-"))
+    owner = balance_fits([kind for _, kind, _ in config["jobs"]], world)
     for i, (name, kind, small) in enumerate(config["jobs"]):
-        if i % world != rank:
+        if owner[i] != rank:
             continue
         res = fit_and_evaluate(kind, fits[small], tests[small], config["options"])
         save_file(res.pop("state") or {EMPTY: np.zeros(0, np.float32)}, str(out / f"{name}.safetensors"))

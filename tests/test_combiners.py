@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from raydapt.comblm.combiners import (COMBINERS, LEARNED, Combiner, combiner_state, default_lr, evaluate_nll, fit,
-                                      load_combiner, make_combiner, max_prob_oracle_nll, mixed_gold_logprob,
-                                      mixed_logprobs, needs_full, perplexity, proxy_tuning_gold_logprob,
-                                      proxy_tuning_nll, single_nll, token_batch)
+from raydapt.comblm.combiners import (COMBINERS, LEARNED, Combiner, balance_fits, combiner_state, default_lr,
+                                      evaluate_nll, fit, load_combiner, make_combiner, max_prob_oracle_nll,
+                                      mixed_gold_logprob, mixed_logprobs, needs_full, perplexity,
+                                      proxy_tuning_gold_logprob, proxy_tuning_nll, single_nll, token_batch)
 from raydapt.errors import UserError
 
 V = 32
@@ -230,3 +230,14 @@ def test_vector_combiner_without_full_distributions_is_a_user_error(batch):
     scalar_only = {k: v for k, v in batch.items() if not k.endswith("_full")}
     with pytest.raises(UserError, match="small_full"):
         mixed_gold_logprob(scalar_only, torch.zeros(batch["gold"].shape[0], V))
+
+
+def test_fits_are_balanced_longest_first():
+    kinds = ["mean", "constant_scalar", "constant_vector", "entropy_scalar", "entropy_vector", "full_scalar",
+             "full_vector"]
+    # Longest first, to the less loaded: full_vector (54) -> 0, entropy_vector (39) -> 1, constant_vector
+    # (32) -> 1 (39 < 54), full_scalar (31) -> 0 (54 < 71), then the cheap ones -> 1 (71 < 85).
+    assert balance_fits(kinds, 2) == [1, 1, 1, 1, 1, 0, 0]
+    assert balance_fits(kinds, 1) == [0] * 7
+    assert sorted(set(balance_fits(kinds, 3))) == [0, 1, 2]
+    assert balance_fits(kinds, 2) == balance_fits(kinds, 2)  # every worker computes the same assignment
