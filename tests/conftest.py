@@ -57,7 +57,18 @@ def ray_cluster():
     # A short path: Ray's Unix sockets live under the temp dir and have a length limit.
     temp_dir = tempfile.mkdtemp(prefix="rdpt-", dir="/tmp")
     # Logical CPUs: 3 stages x 2 replicas must fit on a 2-core machine (the stages take turns).
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, logging_level="ERROR")
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)  # logs and spilled objects: tens of MB a session
+
+
+@pytest.fixture(scope="session")
+def bbt_small_run(tmp_path_factory):
+    """jobs/bbt.py on the tests' small preset, in process and uninterrupted: the reference that the
+    BBT runs on Ray actors, killed and resumed, and GDFO without trust must equal byte for byte.
+    Run once per session (each run is a fresh interpreter, ~20 s)."""
+    from tests.test_bbt_job import SMALL, run_job
+    out = tmp_path_factory.mktemp("bbt") / "whole"
+    run_job(*SMALL, "--local", "--output-dir", out)
+    return out

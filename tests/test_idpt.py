@@ -74,20 +74,20 @@ def test_quick_run_learns_and_records_everything(tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_same_bytes_on_1x1_and_2x2_and_after_a_kill_and_resume(tmp_path):
+def test_same_bytes_on_1x1_and_after_a_kill_and_a_resume_on_2x2(tmp_path):
+    """Killed in process, resumed on 2 x 2 stage actors (one killed during a training step) with
+    every neutral field changed: the steps after the resume run on 2 x 2 and must give the same bytes."""
     from raydapt.idpt.config import RESULT_NEUTRAL_FIELDS
 
-    whole, four, killed, moved = (tmp_path / n for n in ("whole", "r2s2", "killed", "moved"))
+    whole, killed, moved = (tmp_path / n for n in ("whole", "killed", "moved"))
     run_job(*SMALL, "--local", "--output-dir", whole)
-    run_job(*SMALL, "--replicas", "2", "--stages", "2", "--output-dir", four)
     before = kill_mid_run([*JOB, *SMALL, "--local"], killed, rows=3)
     killed.rename(moved)
     run_job(*SMALL, *RESUME_CHANGES, "--output-dir", moved, "--resume")
     check_resume_changes(moved / "config.json", json.loads((moved / "result.json").read_text()), RESULT_NEUTRAL_FIELDS)
-    for other in (four, moved):
-        assert (whole / "prompt_module.safetensors").read_bytes() == (other / "prompt_module.safetensors").read_bytes()
-        assert untimed(json.loads((whole / "result.json").read_text())) == untimed(json.loads((other / "result.json").read_text()))
-        assert (whole / "log.jsonl").read_text() == (other / "log.jsonl").read_text()
+    assert (whole / "prompt_module.safetensors").read_bytes() == (moved / "prompt_module.safetensors").read_bytes()
+    assert untimed(json.loads((whole / "result.json").read_text())) == untimed(json.loads((moved / "result.json").read_text()))
+    assert (whole / "log.jsonl").read_text() == (moved / "log.jsonl").read_text()
     assert (moved / "log.jsonl").read_text().splitlines()[:2] == before[:2]  # kept, not redone
     report = json.loads((moved / "result.json").read_text())["fault_tolerance"]
     assert report["injected"] and report["stage_restarts"] == 1
