@@ -37,6 +37,10 @@ RUNS = {  # name: (job, extra flags)
     "comblm-mix50": ("comblm", ["--fit-mix", "0.5"]),
     "idpt": ("idpt", []),
     "idpt-static": ("idpt", ["--method", "static"]),
+    "recursive-one": ("recursive", ["--method", "one_pass"]),
+    "recursive-textual": ("recursive", ["--method", "textual"]),
+    "recursive-neural": ("recursive", ["--method", "neural"]),
+    "recursive-neural-nopre": ("recursive", ["--method", "neural_no_pretrain"]),
 }
 NEEDS_RAY = ("comblm",)  # Ray Train and Ray tasks: --local does not apply
 
@@ -60,6 +64,11 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.idpt.job import run_idpt_job
         cfg = parse_args(IDPTConfig, argv, presets={"quick": QUICK})
         run_idpt_job(cfg, runtime_for(cfg.local))
+    elif job == "recursive":
+        from raydapt.recursive.config import QUICK, RecursiveConfig
+        from raydapt.recursive.job import run_recursive_job
+        cfg = parse_args(RecursiveConfig, argv, presets={"quick": QUICK})
+        run_recursive_job(cfg, runtime_for(cfg.local))
     elif job == "comblm":
         from raydapt.comblm.config import QUICK, CombLMConfig
         from raydapt.comblm.job import run_comblm_job

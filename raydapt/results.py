@@ -180,12 +180,75 @@ def _idpt_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+RECURSIVE_RUNS = (("recursive-one", "one pass (its prompt trained for all the steps)"),
+                  ("recursive-textual", "textual: pass 2 reads k sampled answers"),
+                  ("recursive-neural", "neural: connector pre-trained on language modelling"),
+                  ("recursive-neural-nopre", "neural, connector not pre-trained"))
+
+
+def _p_value(value: float) -> str:
+    return "–" if value != value else f"{value:.3f}"  # NaN: no spread to test (e.g. equal differences)
+
+
+def _recursive_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
+    """One pass vs textual and neural recursion (with and without the connector's pre-training):
+    test exact match, the difference from one pass paired by seed (scipy's paired t-test), and each
+    run's pass 2 against its own pass 1 on the same test rows (an exact McNemar test on the rows
+    only one of them gets right, pooled over seeds)."""
+    from scipy import stats
+
+    present = [(name, label) for name, label in RECURSIVE_RUNS if rows.get(name)]
+    if not present:
+        return []
+    any_run = rows[present[0][0]][0]
+    one = {r["seed"]: r["test_exact_match"] for r in rows.get("recursive-one", [])}
+    seeds = ", ".join(str(r["seed"]) for r in rows[present[0][0]])
+    lines = [f"## Recursive LMs, `{preset}` preset", "",
+             f"Test exact match in % on `{any_run['task']}` ({any_run['n_test']} test rows; seeds {seeds}), the "
+             "frozen large LM run twice through the gray-box pipeline. Every run trains pass 1's prompt first with the "
+             "same seed; one pass continues it for the steps pass 2 takes. Paired by seed: the difference from one "
+             "pass and scipy's paired t-test; within each run: pass 2 against its own pass 1 on the same rows "
+             "(right only after pass 2 / right only after pass 1, exact McNemar test, pooled over seeds).", "",
+             "| run | test exact match | − one pass (paired) | p, paired t | pass 1 of the run | pass 2 vs pass 1: "
+             "rows gained / lost | p, McNemar |", "|---|---|---|---|---|---|---|"]
+    for name, label in present:
+        rs = rows[name]
+        diffs = [r["test_exact_match"] - one[r["seed"]] for r in rs if r["seed"] in one]
+        paired = [(r["test_exact_match"], one[r["seed"]]) for r in rs if r["seed"] in one]
+        p = stats.ttest_rel(*zip(*paired)).pvalue if len(paired) >= 2 and name != "recursive-one" else float("nan")
+        gained = sum(a and not b for r in rs for a, b in zip(r["test_correct"], r["first_pass_test_correct"]))
+        lost = sum(b and not a for r in rs for a, b in zip(r["test_correct"], r["first_pass_test_correct"]))
+        mcnemar = stats.binomtest(gained, gained + lost).pvalue if gained + lost else float("nan")
+        rows_changed = "–" if name == "recursive-one" else f"{gained} / {lost}"  # one pass has no pass 2
+        lines.append(f"| {label} | {_mean_std([r['test_exact_match'] for r in rs])} | "
+                     f"{_mean_std(diffs) if diffs and name != 'recursive-one' else '–'} | {_p_value(p)} | "
+                     f"{_mean_std([r['first_pass_test_exact_match'] for r in rs])} | {rows_changed} | "
+                     f"{_p_value(mcnemar)} |")
+    cfg = any_run["config"]
+    lines += ["", f"Pass 1: {cfg['steps']} Adam steps of {cfg['batch']} rows; pass 2: {cfg['second_steps']}; the "
+              f"connector's pre-training: {cfg['pretrain_steps']} steps of {cfg['pretrain_batch']} windows of general "
+              "text (the LM's own pre-training files)."]
+    textual = rows.get("recursive-textual", [])
+    if textual:
+        lines.append(f"Textual, k = {textual[0]['config']['samples']} answers sampled at temperature "
+                     f"{textual[0]['config']['temperature']}: one of them right "
+                     f"{_mean_std([r['any_answer_test_exact_match'] for r in textual])}, their majority vote right "
+                     f"{_mean_std([r['majority_vote_test_exact_match'] for r in textual])}.")
+    neural = rows.get("recursive-neural", [])
+    if neural:
+        lines.append("Neural: the pre-trained connector's held-out LM loss (pass 2 predicting a window's second half "
+                     f"from its vectors alone): {_mean_std([r['connector_held_out_lm_loss'] for r in neural], 1.0, 3)}.")
+    return lines + [""]
+
+
 def render(results: list[dict]) -> str:
     presets: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     comblm: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     idpt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    recursive: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
-        group = comblm if r.get("method") == "comblm" else idpt if r["_name"].startswith("idpt") else presets
+        group = (comblm if r.get("method") == "comblm" else idpt if r["_name"].startswith("idpt")
+                 else recursive if r["_name"].startswith("recursive") else presets)
         group[r["_preset"]][r["_name"]].append(r)
     lines = ["# Results", "", "Generated by `python -m raydapt.results` (run by `python jobs/suite.py`) from the "
              "`result.json` files under `results/`; do not edit by hand. Accuracies in %, mean ± std over seeds.", ""]
@@ -208,6 +271,8 @@ def render(results: list[dict]) -> str:
         lines += _comblm_section(preset, rows)
     for preset, rows in sorted(idpt.items()):
         lines += _idpt_section(preset, rows)
+    for preset, rows in sorted(recursive.items()):
+        lines += _recursive_section(preset, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +284,7 @@ AUTOSCALING = ("<!-- autoscaling:begin -->", "<!-- autoscaling:end -->")
 def readme_block(results: list[dict]) -> str:
     """The headline numbers for the README: manual vs. tuned prompts on the default task."""
     rows = defaultdict(list)
-    results = [r for r in results if r.get("method") != "comblm" and not r["_name"].startswith("idpt")]
+    results = [r for r in results if r.get("method") != "comblm" and not r["_name"].startswith(("idpt", "recursive"))]
     for r in results:
         rows[(r["_preset"], r["_name"])].append(r)
     lines = []

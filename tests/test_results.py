@@ -106,3 +106,29 @@ def test_idpt_section_pairs_seeds(tmp_path):
     assert "| t1 | classification | 50.00 ± 0.00 | 50.00 ± 0.00 | 70.00 ± 14.14 | 20.00 ± 14.14 |" in text
     assert "| average |  | 25.00 ± 0.00 | 32.50 ± 3.54 | 45.00 ± 7.07 | 12.50 ± 3.54 |" in text
     assert "ID-PT" not in readme_block(collect(runs))  # the README block stays the default task's
+
+
+def recursive_run(method, seed, score, correct, first_correct, **extra):
+    return {"method": method, "seed": seed, "task": "closing_brackets", "n_test": 4, "test_exact_match": score,
+            "first_pass_test_exact_match": sum(first_correct) / 4, "test_correct": correct,
+            "first_pass_test_correct": first_correct, "connector_held_out_lm_loss": None,
+            "config": {"steps": 40, "second_steps": 40, "pretrain_steps": 40, "batch": 16, "pretrain_batch": 16,
+                       "samples": 4, "temperature": 0.5}, **extra}
+
+
+def test_recursive_section_pairs_seeds_and_rows(tmp_path):
+    runs = tmp_path / "results"
+    write_run(runs, "quick", "recursive-one", 1, recursive_run("one_pass", 1, 0.3, [1, 0, 0, 0], [1, 0, 0, 0]), [])
+    write_run(runs, "quick", "recursive-one", 2, recursive_run("one_pass", 2, 0.4, [1, 0, 0, 0], [1, 0, 0, 0]), [])
+    votes = {"any_answer_test_exact_match": 0.5, "majority_vote_test_exact_match": 0.25}
+    write_run(runs, "quick", "recursive-textual", 1,
+              recursive_run("textual", 1, 0.4, [1, 1, 0, 0], [1, 0, 1, 0], **votes), [])
+    write_run(runs, "quick", "recursive-textual", 2,
+              recursive_run("textual", 2, 0.6, [1, 1, 1, 0], [0, 0, 0, 0], **votes), [])
+    text = render(collect(runs))
+    # Differences from one pass 0.1 and 0.2: 15.00 ± 7.07, t = 3 on 1 degree of freedom: p = 0.205.
+    # Rows: seed 1 gains 1 and loses 1, seed 2 gains 3: 4 / 1, exact binomial p = 12/32 = 0.375.
+    assert "| textual: pass 2 reads k sampled answers | 50.00 ± 14.14 | 15.00 ± 7.07 | 0.205 | 25.00 ± 35.36 | 4 / 1 | 0.375 |" in text
+    assert "| one pass (its prompt trained for all the steps) | 35.00 ± 7.07 | – | – | 25.00 ± 0.00 | – | – |" in text
+    assert "one of them right 50.00 ± 0.00, their majority vote right 25.00 ± 0.00" in text
+    assert "Recursive" not in readme_block(collect(runs))  # the README block stays the default task's
