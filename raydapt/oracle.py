@@ -26,7 +26,8 @@ import numpy as np
 from raydapt.errors import UserError
 
 __all__ = ["Usage", "Budget", "BudgetExceededError", "BlackBoxOracle", "TokenScores", "ModelInfo",
-           "ReplicaPool", "ShardedOracle", "PROMPT_MODES", "shared_prefix", "GrayBoxOracle", "GrayBoxRequest", "GrayUsage"]
+           "ReplicaPool", "ShardedOracle", "PROMPT_MODES", "shared_prefix",
+           "sharing_plan", "GrayBoxOracle", "GrayBoxRequest", "GrayUsage"]
 
 PROMPT_MODES = ("add", "cat", "deep")
 
@@ -169,6 +170,7 @@ class ShardedOracle:
     budget: Budget = field(default_factory=Budget)
     usage: Usage = field(default_factory=Usage)
     reporter: Any = None  # optional: .request(cost: Usage, seconds) after every request (metrics)
+    prefix_sharing: bool | None = None  # None: as the pool's PoolSpec.prefix_sharing says
 
     @property
     def info(self) -> ModelInfo:
@@ -201,10 +203,14 @@ class ShardedOracle:
         self._charge(Usage(calls=n_prompts, examples=n_prompts * len(lengths),
                            tokens=n_prompts * int((lengths + extra).sum()), requests=1))
         common = {"kind": "labels", "label_ids": np.asarray(label_ids), "mode": mode, "offset": offset}
-        split = None
-        if getattr(self.pool, "prefix_sharing", True):
-            split = shared_prefix(input_ids, lengths, 0 if prompts is None else prompts.shape[-2], mode, offset)
-        if split is None:
+        sharing = self.prefix_sharing
+        if sharing is None:
+            sharing = getattr(self.pool, "prefix_sharing", True)
+        plan = None
+        if sharing:
+            plan = sharing_plan(input_ids, lengths, n_prompts, 0 if prompts is None else prompts.shape[-2], mode,
+                                offset, self.micro_batch_size)
+        if plan is None:
             rows = _rows_by_length(lengths, n_prompts)             # (P*N, 2): (prompt, example)
             real = list(_chunks(rows, self.micro_batch_size, pad=False))
             batches = []
@@ -213,7 +219,7 @@ class ShardedOracle:
                 batches.append(common | {"input_ids": input_ids[ex, : int(lengths[ex].max())],
                                          "answer_pos": lengths[ex] - 1 + extra, "prompt_index": chunk[:, 0]})
         else:
-            real, batches = _shared_batches(input_ids, lengths, n_prompts, split, extra, self.micro_batch_size, common)
+            real, batches = _shared_batches(input_ids, lengths, n_prompts, plan, common)
         results = self._run(batches, prompts)
         out = np.zeros((n_prompts, len(lengths), len(label_ids)), np.float32)
         for chunk, res in zip(real, results):
@@ -311,10 +317,35 @@ def shared_prefix(input_ids: np.ndarray, lengths: np.ndarray, prompt_length: int
     return split if split >= need else None
 
 
-def _tile(lengths: np.ndarray, n_prompts: int, size: int, prefix: int) -> tuple[int, int]:
-    """(m, c): micro-batches of c candidates x m examples (c * m <= size), the shape that computes
-    the fewest positions (each tile's prefix once per candidate, its rows padded to its longest)
-    for this request. It depends on the request and `size` only, never on R or S."""
+# Sharing runs every block twice per micro-batch (prefix, then rows): below this saving in computed
+# positions it costs more than it saves on small models, and the request runs unshared.
+SHARING_WORTH = 0.8
+
+
+def sharing_plan(input_ids: np.ndarray, lengths: np.ndarray, n_prompts: int, prompt_length: int, mode: str,
+                 offset: int, micro_batch_size: int) -> dict | None:
+    """How a label-logits request is cut when it shares a prefix: {"split": shared tokens,
+    "prefix": prefix positions (split, plus the prompt in cat mode), "examples" m and "candidates" c
+    per micro-batch, "positions": computed positions relative to the unshared path}; None when
+    nothing can be shared or sharing would compute more than SHARING_WORTH of the unshared positions."""
+    split = shared_prefix(input_ids, lengths, prompt_length, mode, offset)
+    if split is None:
+        return None
+    extra = prompt_length if mode == "cat" else 0
+    prefix = split + extra
+    m, c, cost = _tile(lengths - split, n_prompts, micro_batch_size, prefix)
+    rows = _rows_by_length(lengths, n_prompts)
+    unshared = sum(len(chunk) * (int(lengths[chunk[:, 1]].max()) + extra)
+                   for chunk in _chunks(rows, micro_batch_size))
+    if cost > SHARING_WORTH * unshared:
+        return None
+    return {"split": split, "prefix": prefix, "examples": m, "candidates": c, "positions": cost / unshared}
+
+
+def _tile(lengths: np.ndarray, n_prompts: int, size: int, prefix: int) -> tuple[int, int, int]:
+    """(m, c, positions): micro-batches of c candidates x m examples (c * m <= size), the shape that
+    computes the fewest positions (each tile's prefix once per candidate, its rows padded to its
+    longest) for this request. It depends on the request and `size` only, never on R or S."""
     ordered = np.sort(lengths)
     best = None
     for m in range(1, min(size, len(lengths)) + 1):
@@ -323,15 +354,15 @@ def _tile(lengths: np.ndarray, n_prompts: int, size: int, prefix: int) -> tuple[
         cost = -(-n_prompts // c) * c * (len(longest) * prefix + m * int(longest.sum()))
         if best is None or cost <= best[0]:
             best = (cost, m, c)
-    return best[1], best[2]
+    return best[1], best[2], best[0]
 
 
-def _shared_batches(input_ids, lengths, n_prompts: int, split: int, extra: int, size: int, common: dict
+def _shared_batches(input_ids, lengths, n_prompts: int, plan: dict, common: dict
                     ) -> tuple[list[np.ndarray], list[dict]]:
-    """Micro-batches that share each candidate's prefix (the first `split` tokens, plus the prompt in
-    cat mode): ([(rows, 2) real (prompt, example) rows of each], [micro-batch dicts]). Every
-    micro-batch has c * m rows and c prefixes (the last ones repeated where a tile is short)."""
-    m, c = _tile(lengths - split, n_prompts, size, split + extra)
+    """Micro-batches that share each candidate's prefix (`sharing_plan`): ([(rows, 2) real (prompt,
+    example) rows of each], [micro-batch dicts]). Every micro-batch has c * m rows and c prefixes
+    (the last ones repeated where a tile is short)."""
+    split, m, c = plan["split"], plan["examples"], plan["candidates"]
     order = np.argsort(lengths, kind="stable")
     real, batches = [], []
     for start in range(0, len(order), m):

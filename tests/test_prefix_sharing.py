@@ -11,18 +11,19 @@ import torch
 from actors.pipeline import LocalPool, RayPool
 from raydapt.bbt.config import BBTConfig
 from raydapt.config import parse_args
-from raydapt.oracle import ShardedOracle, _tile, shared_prefix
+from raydapt.oracle import SHARING_WORTH, ShardedOracle, _tile, shared_prefix, sharing_plan
 from raydapt.serving import PoolSpec
 from tests.conftest import FAMILIES, make_checkpoint, tiny_config
 
 RNG = np.random.default_rng(18)
 LABELS = [1, 2, 3]
-PROMPT, OFFSET, SHARED = 3, 1, 5  # prompt slots [1, 4) inside the 5 tokens every row starts with
+PROMPT, OFFSET, SHARED = 3, 1, 12  # prompt slots [1, 4) inside the 12 tokens every row starts with
 
 
-def inputs(n: int = 7, shared: int = SHARED, width: int = 20):
-    """n rows of 8..width tokens whose first `shared` tokens are the same (BBT's placeholder slots)."""
-    lengths = np.concatenate([[width, 8], RNG.integers(8, width + 1, n - 2)])
+def inputs(n: int = 7, shared: int = SHARED, width: int = 24):
+    """n rows of 14..width tokens whose first `shared` tokens are the same (BBT's placeholder slots,
+    then a template): enough shared positions that the oracle chooses to share them."""
+    lengths = np.concatenate([[width, 14], RNG.integers(14, width + 1, n - 2)])
     ids = np.zeros((n, width), np.int64)
     for i, length in enumerate(lengths):
         ids[i, :length] = RNG.integers(4, 128, length)
@@ -59,14 +60,15 @@ def test_shared_equals_unshared_for_every_family_split_and_mode(tiny_checkpoints
     directory, _ = tiny_checkpoints[family]
     ids, lengths = inputs()
     worst = 0.0
-    for mode in ("add", "cat", "deep"):
-        prompts = prompts_for(mode)
-        for stages in (1, 2, 3):
-            expected = oracle(directory, stages, sharing=False).label_logits(ids, lengths, LABELS, prompts, mode, OFFSET)
-            shared = oracle(directory, stages)
-            used = count_shared(shared.pool)
+    for stages in (1, 2, 3):
+        unshared, shared = oracle(directory, stages, sharing=False), oracle(directory, stages)
+        used = count_shared(shared.pool)
+        for mode in ("add", "cat", "deep"):
+            prompts = prompts_for(mode)
+            expected = unshared.label_logits(ids, lengths, LABELS, prompts, mode, OFFSET)
+            before = used[0]
             got = shared.label_logits(ids, lengths, LABELS, prompts, mode, OFFSET)
-            assert used[0] > 0, (mode, stages)  # the shared path ran
+            assert used[0] > before, (mode, stages)  # the shared path ran
             assert got.shape == expected.shape == (5, 7, 3)
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
             worst = max(worst, float(np.abs(got - expected).max()))
@@ -136,7 +138,7 @@ def test_sliding_window_is_kept_with_and_without_sharing(tmp_path):
 def test_shared_prefix_covers_the_prompt_or_falls_back(tiny_checkpoints):
     ids, lengths = inputs(5)
     assert shared_prefix(ids, lengths, PROMPT, "add", OFFSET) == SHARED
-    assert shared_prefix(ids, lengths, PROMPT, "add", 3) is None       # slots [3, 6) run past the shared 5
+    assert shared_prefix(ids, lengths, PROMPT, "add", 10) is None      # slots [10, 13) run past the shared 12
     ids[1, 2] += 1                                                        # rows differ inside the slots
     assert shared_prefix(ids, lengths, PROMPT, "add", OFFSET) is None
     assert shared_prefix(ids, lengths, PROMPT, "deep", OFFSET) is None
@@ -158,15 +160,24 @@ def test_every_row_keeps_its_answer_position():
     assert shared_prefix(ids, lengths, 2, "add", 0) == 3
 
 
+def test_sharing_only_where_it_saves_work():
+    ids, lengths = inputs(9)
+    plan = sharing_plan(ids, lengths, 5, PROMPT, "add", OFFSET, 8)
+    assert plan["split"] == SHARED and plan["positions"] <= SHARING_WORTH
+    assert sharing_plan(ids, lengths, 5, PROMPT, "add", OFFSET, 1) is None  # a prefix per row saves nothing
+    short = inputs(9, shared=4)
+    assert sharing_plan(*short, 5, PROMPT, "add", OFFSET, 8) is None      # 4 shared of 14..24: not worth it
+
+
 def test_tile_shape():
     lengths = np.array([10] * 16 + [40] * 16)
     # c * m rows at most; with one candidate a tile is all examples of similar length
     for size in (1, 8, 32):
-        m, c = _tile(lengths, 20, size, 10)
+        m, c = _tile(lengths, 20, size, 10)[:2]
         assert 1 <= c * m <= size and c <= 20
-    assert _tile(lengths, 1, 32, 10) == (16, 1)       # two length groups beat one padded tile
+    assert _tile(lengths, 1, 32, 10)[:2] == (16, 1)       # two length groups beat one padded tile
     # A long prefix is worth a little padding: one tile of all 32 examples per candidate.
-    assert _tile(np.array([10] * 16 + [12] * 16), 20, 32, 200) == (32, 1)
+    assert _tile(np.array([10] * 16 + [12] * 16), 20, 32, 200)[:2] == (32, 1)
 
 
 def test_flag_turns_sharing_off_and_reaches_the_job_config(tiny_checkpoints):
