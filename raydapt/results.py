@@ -315,16 +315,60 @@ def _where(fig: dict) -> str:
 
 
 def _oracle_table(fig: dict) -> list[str]:
-    med, r = fig["median_s"], fig["ratios"]
-    return [f"`python bench/oracle.py` (population of {fig['population']} prompts, {fig['prompt_length']} tokens "
-            f"each, on {fig['examples']} examples; medians of {fig['repeats']}; {_where(fig)}):", "",
-            "| measure | ratio | goal |", "|---|---|---|",
-            f"| (a) 2-stage Ray pipeline / the same request in one process | {r['pipeline_vs_in_process']:.2f}x "
-            f"({_ms(med['pipeline_batched'])} vs {_ms(med['in_process_batched'])}) | <= 1.15x |",
-            f"| (b) one candidate per request (BBT's reference code) / the population in one request, in process | "
-            f"{r['batched_speedup_in_process']:.2f}x faster batched ({_ms(med['in_process_one_by_one'])} vs "
-            f"{_ms(med['in_process_batched'])}) | >= 3x |",
-            f"| (b) the same through the pipeline | {r['batched_speedup_pipeline']:.2f}x | |", ""]
+    lines = [f"`python bench/oracle.py` (populations of {fig['population']} prompts on {fig['examples']} examples, add "
+             f"mode, micro-batches of {fig['micro_batch']}; medians of {fig['repeats']}; {_where(fig)}; "
+             f"`uptime` at the start: {fig.get('uptime_before', 'not recorded')}):", ""]
+    if "limit" in fig:
+        lines += _oracle_limit(fig)
+    if "scaling" in fig:
+        lines += _oracle_scaling(fig["scaling"])
+    return lines
+
+
+def _oracle_limit(fig: dict) -> list[str]:
+    """Achieved FLOP/s against the measured matmul peak, and the ratios issue 18 asks for, per L."""
+    peak, limit = fig["peak"], fig["limit"]
+    lengths = list(limit)
+    cases = (("shared", "the population in one request, prompt prefix shared"),
+             ("unshared", "the population in one request, every row runs the prefix"),
+             ("one_by_one", "one candidate per request (BBT's reference code), unshared"))
+    lines = [f"fp32 matmul peak at the model's own shapes, timed in the same run: {peak['flops_per_s'] / 1e9:.1f} "
+             f"GFLOP/s on {peak['threads']} torch threads, the in-process case's ({fig['peak_after'] / 1e9:.1f} after the "
+             f"cases; {peak['one_thread_flops_per_s'] / 1e9:.1f} on 1 thread, a stage actor's). FLOPs are counted on "
+             f"the real tokens each case computes, attention included, padding not; fractions are of the "
+             f"first peak.", "",
+             "| L | request | in process | of peak | 2-stage Ray pipeline | of peak |", "|---|---|---|---|---|---|"]
+    for length in lengths:
+        rows = limit[length]["cases"]
+        for key, name in cases:
+            a, b = rows[f"in_process_{key}"], rows[f"pipeline_{key}"]
+            lines.append(f"| {length} | {name} | {_ms(a['median_s'])} | {a['fraction_of_peak']:.0%} | "
+                         f"{_ms(b['median_s'])} | {b['fraction_of_peak']:.0%} |")
+    header = " | ".join(f"L = {length}" for length in lengths)
+    lines += ["", f"| measure | {header} | goal |", "|---|" + "---|" * len(lengths) + "---|"]
+    measures = (("one_by_one_over_shared_in_process", "one candidate per request / the population batched with "
+                 "a shared prefix, in process", ">= 3x at L = 50"),
+                ("one_by_one_over_shared_pipeline", "the same through the pipeline", ""),
+                ("one_by_one_over_unshared_in_process", "one candidate per request / batched without sharing, "
+                 "in process (before issue 18)", ""),
+                ("unshared_over_shared_in_process", "batched: unshared / shared, in process", ""),
+                ("unshared_over_shared_pipeline", "the same through the pipeline", ""),
+                ("pipeline_over_in_process_shared", "2-stage pipeline / in process, shared", ""))
+    for key, name, goal in measures:
+        values = " | ".join(f"{limit[length]['ratios'][key]:.2f}x" for length in lengths)
+        lines.append(f"| {name} | {values} | {goal} |")
+    work = " | ".join(f"{limit[length]['shared_work_fraction']:.2f}" for length in lengths)
+    lines += [f"| FLOPs of the shared request / the unshared one | {work} | |", ""]
+    return lines
+
+
+def _oracle_scaling(rows: dict) -> list[str]:
+    lines = ["Time per request as each size doubles from the default request (Ray stage actors, prefix "
+             "sharing on):", "", "| request | P | N | L | S | time | / default |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name.replace('_x2', ' x 2').replace('_', ' ')} | {r['population']} | {r['examples']} | "
+                     f"{r['prompt_length']} | {r['stages']} | {_ms(r['median_s'])} | {r['ratio']:.2f}x |")
+    return lines + [""]
 
 
 def _search_table(fig: dict) -> list[str]:
