@@ -88,3 +88,41 @@ def test_bench_graybox_quick_prints_its_ratios(tiny_checkpoints, ray_cluster, ca
     assert printed["identical"] is True  # the prompt's gradient: bitwise the same over S, R and recompute
     assert printed["kept_graphs_after"] == [[[0]], [[0, 0]], [[0], [0]]]  # every graph released by backward
     assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running
+
+
+def test_bench_oracle_counts_flops_by_hand(tiny_checkpoints):
+    bench = load_bench("oracle")
+    directory = str(tiny_checkpoints["llama"][0])
+    costs = bench.model_costs(directory)
+    # Tiny llama: q, o (32 -> 32), k, v (32 -> 16: 2 of 4 heads' keys), gate, up (32 -> 64), down (64 -> 32).
+    assert sorted(costs["shapes"]) == sorted([(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)])
+    assert costs["attention_width"] == 32 and costs["layers"] == 4 and costs["head"] == (32, 128)
+    # Positions 0, 1, 2: 3 tokens of 2 * 9216 matmul FLOPs, and QK^T + AV over 1 + 2 + 3 keys, in 4 blocks.
+    assert bench.position_flops(costs, 0, 3) == 4 * (3 * 2 * 9216 + 4 * 32 * 6)
+    assert bench.position_flops(costs, 0, 5) == bench.position_flops(costs, 0, 2) + bench.position_flops(costs, 2, 5)
+    ids, lengths = np.full((4, 20), 7), np.array([20, 18, 16, 20])  # 12 shared tokens, then distinct text
+    ids[:, 12:] = np.arange(32).reshape(4, 8)
+    head = 2 * 32 * 128 * 3 * 4
+    unshared = bench.request_flops(costs, ids, lengths, 3, 4, 8, shared=False)
+    assert unshared == head + 3 * sum(bench.position_flops(costs, 0, int(n)) for n in lengths)
+    shared = bench.request_flops(costs, ids, lengths, 3, 4, 8, shared=True)
+    assert head < shared < 0.7 * unshared
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_bench_oracle_quick_prints_its_figures(tiny_checkpoints, ray_cluster, capsys, tmp_path):
+    directory = tiny_checkpoints["llama"][0]
+    output = tmp_path / "oracle.json"
+    figures = load_bench("oracle").main(["--quick", "--synthetic", "--model", str(directory), "--output", str(output)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {output}"
+    assert json.loads(lines[-2]) == json.loads(output.read_text()) == json.loads(json.dumps(figures))
+    assert figures["peak"]["flops_per_s"] > 0 and "load average" in figures["uptime_before"]
+    for length in ("3", "6"):
+        cases = figures["limit"][length]["cases"]
+        assert {f"{w}_{k}" for w in ("in_process", "pipeline") for k in ("shared", "unshared", "one_by_one")} == set(cases)
+        assert all(c["flops"] > 0 and 0 < c["fraction_of_peak"] for c in cases.values())
+    assert set(figures["scaling"]) == {"default", "population_x2", "examples_x2", "prompt_length_x2", "stages_x2"}
+    assert figures["scaling"]["default"]["ratio"] == 1.0
+    assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running

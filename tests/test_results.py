@@ -132,3 +132,45 @@ def test_recursive_section_pairs_seeds_and_rows(tmp_path):
     assert "| one pass (its prompt trained for all the steps) | 35.00 ± 7.07 | – | – | 25.00 ± 0.00 | – | – |" in text
     assert "one of them right 50.00 ± 0.00, their majority vote right 25.00 ± 0.00" in text
     assert "Recursive" not in readme_block(collect(runs))  # the README block stays the default task's
+
+
+def _oracle_figures() -> dict:
+    """bench/oracle.py's figures, as it writes them, with round numbers."""
+    def case(seconds, fraction):
+        return {"median_s": seconds, "flops": 1e9, "flops_per_s": 1e9 / seconds, "fraction_of_peak": fraction}
+
+    def at(scale):
+        cases = {f"{w}_{k}": case(scale * t, f) for w in ("in_process", "pipeline")
+                 for k, t, f in (("shared", 1.0, 0.5), ("unshared", 2.0, 0.6), ("one_by_one", 4.0, 0.3))}
+        ratios = {"one_by_one_over_shared_in_process": 4.0, "one_by_one_over_shared_pipeline": 3.5,
+                  "one_by_one_over_unshared_in_process": 2.0, "one_by_one_over_unshared_pipeline": 1.75,
+                  "unshared_over_shared_in_process": 2.0, "unshared_over_shared_pipeline": 2.0,
+                  "pipeline_over_in_process_shared": 0.9}
+        return {"cases": cases, "ratios": ratios, "mean_input_tokens": 20.0, "shared_work_fraction": 0.33,
+                "tile": {"examples": 8, "candidates": 4}}
+
+    scaling = {name: {"population": p, "examples": 32, "prompt_length": 10, "stages": 1, "median_s": t,
+                      "ratio": t / 0.5} for name, p, t in (("default", 20, 0.5), ("population_x2", 40, 0.9))}
+    return {"model": "m", "population": 20, "examples": 32, "prompt_lengths": [10, 50], "micro_batch": 32,
+            "repeats": 3, "quick": False, "synthetic": False,
+            "peak": {"flops_per_s": 80e9, "threads": 2, "one_thread_flops_per_s": 45e9, "shapes": []},
+            "peak_after": 78e9, "limit": {"10": at(0.5), "50": at(1.0)}, "scaling": scaling,
+            "uptime_before": "up 3:00, load average: 1.00, 1.00, 1.00", "uptime_after": "x", "machine": _machine()}
+
+
+def test_oracle_table_from_known_figures(tmp_path):
+    from raydapt.results import performance_block
+    (tmp_path / "oracle.json").write_text(json.dumps(_oracle_figures()))
+    perf = performance_block(tmp_path)
+    assert "80.0 GFLOP/s on 2 torch threads" in perf and "45.0 on 1 thread" in perf
+    assert "load average: 1.00, 1.00, 1.00" in perf
+    assert "| 50 | the population in one request, prompt prefix shared | 1000 ms | 50% | 1000 ms | 50% |" in perf
+    assert "| 10 | one candidate per request (BBT's reference code), unshared | 2000 ms | 30% | 2000 ms | 30% |" in perf
+    assert ("| one candidate per request / the population batched with a shared prefix, in process | 4.00x | "
+            "4.00x | >= 3x at L = 50 |") in perf
+    assert "| FLOPs of the shared request / the unshared one | 0.33 | 0.33 | |" in perf
+    assert "| population x 2 | 40 | 32 | 10 | 1 | 900 ms | 1.80x |" in perf
+    figures = _oracle_figures()
+    del figures["scaling"]  # --only limit: no scaling table
+    (tmp_path / "oracle.json").write_text(json.dumps(figures))
+    assert "/ default |" not in performance_block(tmp_path)
