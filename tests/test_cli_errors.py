@@ -102,6 +102,16 @@ ROWS = [
     ("jobs/idpt.py", "--tasks-dir {missing}", ["no-such-checkpoint"]),
     ("jobs/idpt.py", "--stages 9", ["--stages 9", "4 layers"]),
     ("jobs/idpt.py", "--local --fault-injection kill-stage:after-calls=1", ["--fault-injection", "--local"]),
+    # jobs/recursive.py (issue 13, part 5): each bad input before the pool starts.
+    ("jobs/recursive.py", "--task nope", ["--task 'nope'", "unknown task", "accepted (generation tasks): function_name"]),
+    ("jobs/recursive.py", "--task exception", ["--task 'exception'", "is a classification task"]),
+    ("jobs/recursive.py", "--lr 0", ["--lr", "> 0, got 0.0"]),
+    ("jobs/recursive.py", "--temperature -1", ["--temperature", "> 0"]),
+    ("jobs/recursive.py", "--method textual --prompt-length 230",
+     ["--prompt-length 230", "pass 1's answers", "exceeds the model's context of 256"]),
+    ("jobs/recursive.py", "--method neural --states 40", ["--states 40", "shortest input has"]),
+    ("jobs/recursive.py", "--method twice", ["--method", "'one_pass', 'textual', 'neural'"]),
+    ("jobs/recursive.py", "--resume --output-dir {recursive_run}", ["--resume", "different config", "lr: 0.5 there"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -171,6 +181,7 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "corpus_long": _jsonl(tmp / "bad3.jsonl", [{"input_ids": list(range(65))}]),
         "blocker": blocker,
         "other_tokenizer": _other_tokenizer(tmp),
+        "recursive_run": _recursive_run(tmp),
     }
 
 
@@ -183,6 +194,18 @@ def _other_tokenizer(tmp: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (directory / name).unlink(missing_ok=True)
     train_tokenizer(["def other(x):\n    return x * 2\n"] * 50, vocab_size=300, context=256).save_pretrained(directory)
+    return directory
+
+
+def _recursive_run(tmp: Path) -> Path:
+    """A jobs/recursive.py output dir holding a run of another learning rate: --resume must refuse it."""
+    from raydapt.config import to_dict
+    from raydapt.defaults import default_model_dir
+    from raydapt.recursive.config import RecursiveConfig
+    directory = tmp / "recursive-run"
+    directory.mkdir()
+    saved = RecursiveConfig(output_dir=str(directory), model=str(default_model_dir("large")), lr=0.5)
+    (directory / "config.json").write_text(json.dumps(to_dict(saved)))
     return directory
 
 
