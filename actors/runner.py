@@ -27,6 +27,10 @@ class _TrainRuns:
         from actors.expert_trainer import fine_tune_expert
         return fine_tune_expert(cfg, blocks, model_dir, storage, fault_marker)
 
+    def train_extension(self, cfg, adapter_json: str, blocks, original, plan, storage: str, fault_marker: str) -> dict:
+        from actors.extend_trainer import train_extension
+        return train_extension(cfg, adapter_json, blocks, original, plan, storage, fault_marker)
+
     def fit_combiners(self, jobs, fits, tests, options, workers: int, storage: str) -> dict:
         from actors.combiner_trainer import fit_combiners_on_train
         return fit_combiners_on_train(jobs, fits, tests, options, workers, storage)

@@ -112,6 +112,17 @@ ROWS = [
     ("jobs/recursive.py", "--method neural --states 40", ["--states 40", "shortest input has"]),
     ("jobs/recursive.py", "--method twice", ["--method", "'one_pass', 'textual', 'neural'"]),
     ("jobs/recursive.py", "--resume --output-dir {recursive_run}", ["--resume", "different config", "lr: 0.5 there"]),
+    # jobs/extend.py (issue 14): each bad input before Ray Train starts.
+    ("jobs/extend.py", "--extra-params 0", ["--extra-params", "(0, 1], got 0.0"]),
+    ("jobs/extend.py", "--extra-params 1.5", ["--extra-params", "(0, 1], got 1.5"]),
+    ("jobs/extend.py", "--alpha -0.01", ["--alpha", ">= 0, got -0.01"]),
+    ("jobs/extend.py", "--new-domain {missing}", ["--new-domain", "does not exist"]),
+    ("jobs/extend.py", "--new-domain {blocker}", ["--new-domain", "holds no text"]),  # an empty file
+    ("jobs/extend.py", "--locale-dir {missing}", ["--new-domain", "no gettext catalogs", "give a new-language corpus"]),
+    ("jobs/extend.py", "--original-eval {missing}", ["--original-eval", "does not exist"]),
+    ("jobs/extend.py", "--batch 3", ["--batch", "not a multiple of --workers 2"]),
+    ("jobs/extend.py", "--method prefix", ["--method", "'neutral', 'neutral-no-l1'"]),
+    ("jobs/extend.py", "--context 1000", ["--context 1000", "context of 256"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",

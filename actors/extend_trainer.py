@@ -1,0 +1,154 @@
+"""Training an extension of the frozen LM with Ray Train (neutral residues, its ablations, a vanilla
+adapter, LoRA, full fine-tuning): data-parallel `TorchTrainer` workers, gradients of the extension
+only averaged by DDP, a checkpoint every few steps, a killed worker restarted from the last one.
+
+The backbone is read from its safetensors and never written; a checkpoint holds only what trains
+(`adapters.safetensors`), AdamW's state (safetensors + JSON, no pickle) and the loss history. The
+plan of step t (which blocks, which are original-domain) is fixed by the coordinator, so a run that
+lost a worker ends with the numbers of one that did not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from actors.expert_trainer import _maybe_inject_fault
+from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
+
+__all__ = ["train_loop", "train_extension"]
+
+ADAPTERS_FILE = "adapters.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _restore(model, opt, device) -> tuple[int, list[dict]]:
+    import ray.train
+    from safetensors.torch import load_file
+
+    from raydapt.adapters import load_trainable
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        load_trainable(model, load_file(os.path.join(d, ADAPTERS_FILE), device=str(device)))
+        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
+        state = json.loads(Path(d, "state.json").read_text())
+    return state["step"], state["history"]
+
+
+def _report(row: dict, model=None, opt=None, adapter_json: str = "", history=()) -> None:
+    import ray.train
+    from safetensors.torch import save_file
+
+    from raydapt.adapters import trainable_state
+
+    if model is None:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory(prefix="extend-ckpt-") as d:
+        save_file({k: v.contiguous().clone().cpu() for k, v in trainable_state(model).items()},
+                  os.path.join(d, ADAPTERS_FILE))
+        save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
+        Path(d, "state.json").write_text(json.dumps({"step": row["step"], "history": list(history),
+                                                     "adapter": adapter_json}))
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's per-worker loop: each worker takes rows rank::world of every planned batch."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from raydapt.adapters import AdapterConfig, attach, extension_loss
+    from raydapt.pretrain import lr_at
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32, use_safetensors=True)
+    model.eval()  # no dropout: the backbone is a fixed function, and restarts replay the same steps
+    torch.manual_seed(config["seed"])  # the same adapter init on every worker
+    model, adapter = attach(model, AdapterConfig.from_json(config["adapter"]))
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    start, history = _restore(model, opt, device)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+    blocks = torch.from_numpy(np.asarray(config["blocks"], dtype=np.int64))
+    original = torch.from_numpy(np.asarray(config["original"], dtype=bool))
+    plan = np.asarray(config["plan"])
+    steps = len(plan)
+    metrics = _trainer_metrics(config["run"]) if rank == 0 else None
+    for step in range(start, steps):
+        _maybe_inject_fault(config, step, rank, world)
+        rows = torch.from_numpy(plan[step][rank::world])
+        x = blocks[rows].to(device)
+        mask = original[rows][:, None].expand_as(x).to(device)  # (b, T) per-token domain
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, config["lr"], 0.05)
+        out = extension_loss(ddp, x, mask, adapter)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        row = torch.stack([out["loss"], out["lm"], out["aux"]]).detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(row)
+            row /= world
+        done = step + 1
+        history.append({"step": done, "loss": float(row[0]), "lm": float(row[1]), "aux": float(row[2])})
+        if metrics:
+            metrics.record(done, history[-1]["loss"])
+        if done % config["checkpoint_every"] == 0 or done == steps:
+            if rank == 0:
+                _report(history[-1], model, opt, adapter.to_json(), history)
+                sys.stderr.write(f"extend {adapter.method} step {done}/{steps}: loss {history[-1]['loss']:.4f} "
+                                 f"(LM {history[-1]['lm']:.4f}, aux {history[-1]['aux']:.4f}; checkpointed)\n")
+                sys.stderr.flush()
+            else:
+                _report(history[-1])
+
+
+def _trainer_metrics(run: str):
+    from actors.metrics import TrainerMetrics
+    return TrainerMetrics(run)
+
+
+def train_extension(cfg, adapter_json: str, blocks: np.ndarray, original: np.ndarray, plan: np.ndarray,
+                    storage: str, fault_marker: str) -> dict:
+    """Run the TorchTrainer to the end (resuming from `storage` if a checkpoint is there); returns
+    {"checkpoint": a local copy of the final checkpoint, "history", "steps", "adapter" (sized JSON)}."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydapt.comblm.config import parse_fault
+
+    config = {"model_dir": cfg.model, "adapter": adapter_json, "blocks": blocks, "original": original,
+              "plan": plan, "lr": cfg.lr, "seed": cfg.seed, "checkpoint_every": cfg.checkpoint_every,
+              "threads": max(1, int(cfg.cpus_per_worker)), "run": Path(cfg.output_dir).name,
+              "kill_after_steps": parse_fault(cfg.fault_injection), "fault_marker": fault_marker}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name="extend", storage_path=storage, failure_config=FailureConfig(max_failures=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, "state.json").read_text())
+        local = tempfile.mkdtemp(prefix="extend-final-")
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    return {"checkpoint": local, "history": state["history"], "steps": state["step"], "adapter": state["adapter"]}

@@ -1,0 +1,1 @@
+"""Extending a frozen LM to a new language: neutral residues against its baselines (raydapt.adapters)."""
