@@ -100,6 +100,7 @@ def _recording(base):
     return Recording()
 
 
+@pytest.mark.slow
 def test_a_short_one_pass_run_learns_and_leaves_the_frozen_lm_untouched(tmp_path, one_thread_afterwards):
     from actors.runner import LocalRuntime
 
