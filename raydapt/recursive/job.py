@@ -190,16 +190,17 @@ def _run_phase(ctx, phase: str, index: int, begin: int, end: int, step: int, opt
         opt.step()
         step += 1
         row = {"step": step, "phase": phase, "train_loss": loss.item()}
-        if (step - begin) % cfg.eval_every == 0 or step == end:
+        evaluated = (step - begin) % cfg.eval_every == 0 or step == end
+        if evaluated:
             row |= _evaluate(ctx, phase, handover)
         append_jsonl(log_path, row)
-        if len(row) > 3:
+        if evaluated:  # after the row: a checkpoint never counts a row the log lacks
             _checkpoint(ctx.out, ctx.model, opt, phase, step)
         if ctx.reporter is not None:
             ctx.reporter.record(step, row["train_loss"])
         bar.update(1)
         bar.set_postfix(phase=phase, train_loss=f"{row['train_loss']:.4f}", refresh=False)
-        if step % cfg.log_every == 0 or len(row) > 3:
+        if step % cfg.log_every == 0 or evaluated:
             scores = "".join(f" | {k} {v:.3f}" for k, v in row.items() if k.startswith(("dev", "held")))
             bar.write(f"step {step:4d} ({phase}) | train loss {row['train_loss']:.4f}{scores}")
     return step
