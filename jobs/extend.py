@@ -3,6 +3,7 @@ catalogs) with neutral residues or a baseline, trained with Ray Train.
 
     python jobs/extend.py --quick --seed 7
     python jobs/extend.py --method lora --lr 0.001
+    python jobs/extend.py --quick --sweep-methods neutral,adapter,lora,full --sweep-lrs 0.0005,0.002
     ray job submit --working-dir . -- python jobs/extend.py --quick
 """
 import json
@@ -25,6 +26,10 @@ def main(argv=None):
     cfg = parse_args(ExtendConfig, argv, presets={"quick": QUICK}, prog="jobs/extend.py")
     from raydapt.extend.job import run_extend_job  # after parsing: a bad flag is refused in seconds
 
+    if cfg.is_sweep:
+        from raydapt.extend.sweep import run_sweep
+        print(json.dumps(run_sweep(cfg, _ray_runtime, run_extend_job), indent=1))
+        return
     result = run_extend_job(cfg, _ray_runtime)
     print(json.dumps({k: result[k] for k in SUMMARY}, indent=1))
 

@@ -122,7 +122,7 @@ def test_two_worker_run_learns_keeps_the_backbone_and_survives_a_killed_worker(r
     results = {}
     for name, extra in (("clean", []), ("killed", ["--fault-injection", "kill-worker:after-steps=3"])):
         cfg = parse_args(ExtendConfig, [*common, *extra, "--output-dir", str(tmp_path / name)])
-        results[name] = run_extend_job(cfg, RayRuntime())
+        results[name] = run_extend_job(cfg, RayRuntime)  # the factory: called once inputs are checked
     clean, killed = results["clean"], results["killed"]
     assert killed["worker_failures_injected"] == 1 and clean["worker_failures_injected"] == 0
     log = [json.loads(line) for line in (tmp_path / "clean" / "log.jsonl").read_text().splitlines()]
@@ -139,3 +139,49 @@ def test_two_worker_run_learns_keeps_the_backbone_and_survives_a_killed_worker(r
                                                                  "adapters.safetensors", "curve.png"}
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest  # the backbone's bytes, unchanged
     assert 0.15 < clean["extra_fraction"] < 0.25
+
+
+def test_pareto_front_and_sweep_grid(tmp_path):
+    from raydapt.extend.config import ExtendConfig
+    from raydapt.extend.sweep import pareto_front, plot_tradeoff, sweep_grid
+
+    #           a: front     b: dominated by a  c: front     d: front    e: ties a on x, worse y
+    points = [(1.0, 3.0), (1.5, 3.5), (2.0, 2.0), (3.0, 1.0), (1.0, 4.0)]
+    assert pareto_front(points) == [0, 2, 3]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [0, 1]  # equal points do not dominate each other
+    cfg = ExtendConfig(sweep_methods="neutral,lora", sweep_lrs="0.001,0.01", output_dir=str(tmp_path / "s"))
+    grid = sweep_grid(cfg)
+    assert [(g.method, g.lr) for g in grid] == [("neutral", 0.001), ("neutral", 0.01), ("lora", 0.001), ("lora", 0.01)]
+    assert grid[1].output_dir == str(tmp_path / "s" / "neutral-lr0.01") and not grid[1].is_sweep
+    with pytest.raises(UserError, match="--sweep-lrs: .* repeats"):
+        ExtendConfig(sweep_lrs="0.1,0.1")
+    runs = [{"method": m, "lr": lr, "original_loss": x, "new_loss": y} for (m, lr), (x, y) in
+            zip([("neutral", 1e-3), ("neutral", 1e-2), ("lora", 1e-3), ("lora", 1e-2), ("full", 1e-3)], points)]
+    plot_tradeoff(tmp_path / "t.png", {"runs": runs, "backbone": {"original_loss": 0.9, "new_loss": 5.0}})
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_run_sweep_writes_the_tradeoff_and_keeps_finished_runs_on_resume(tmp_path):
+    from raydapt.extend.config import ExtendConfig
+    from raydapt.extend.sweep import run_sweep
+    from raydapt.outputs import write_json
+
+    calls = []
+
+    def fake_run(sub, make_runtime):  # (original, new) losses from the learning rate: more lr, more of both
+        calls.append((sub.method, sub.lr))
+        result = {"method": sub.method, "lr": sub.lr, "seed": sub.seed, "original_loss": 1 + sub.lr * (sub.method == "full"),
+                  "new_loss": 3 - sub.lr, "gate_mean": {}, "backbone_losses": {"original_eval": 1.0, "new_test": 3.5}}
+        Path(sub.output_dir).mkdir(parents=True)
+        write_json(Path(sub.output_dir) / "result.json", result)
+        return result
+
+    cfg = ExtendConfig(sweep_methods="neutral,full", sweep_lrs="0.5,1", output_dir=str(tmp_path / "s"))
+    summary = run_sweep(cfg, None, fake_run)
+    assert calls == [("neutral", 0.5), ("neutral", 1.0), ("full", 0.5), ("full", 1.0)]
+    assert summary["pareto"] == ["neutral@1"]  # lowest new loss at no forgetting
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["backbone"] == {"original_loss": 1.0, "new_loss": 3.5}
+    assert (tmp_path / "s" / "tradeoff.png").exists()
+    calls.clear()
+    import dataclasses
+    assert run_sweep(dataclasses.replace(cfg, resume=True), None, fake_run) == summary and calls == []

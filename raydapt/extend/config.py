@@ -41,6 +41,9 @@ class ExtendConfig:
     original_mix: str = field("", "original-domain text mixed into training (default: the held-out stdlib files)")
     original_eval: str = field("", "original-domain text that measures forgetting, not mixed in "
                                "(default: the source of installed third-party packages yaml, tqdm, cma)")
+    sweep_methods: str = field("", "sweep mode: comma-separated methods, one run each (x --sweep-lrs) in "
+                               "<output-dir>/<method>-lr<lr>/, then sweep.json and tradeoff.png (learning vs forgetting)")
+    sweep_lrs: str = field("", "sweep mode: comma-separated learning rates (default: --lr)")
     workers: int = field(2, "Ray Train data-parallel workers")
     cpus_per_worker: float = field(1.0, "CPUs per Ray Train worker (its torch threads)")
     use_gpu: bool = field(False, "one GPU per Ray Train worker")
@@ -61,8 +64,15 @@ class ExtendConfig:
         check(self.batch % self.workers == 0, "batch", f"{self.batch} is not a multiple of --workers {self.workers}")
         check_positive(self.lr, "lr")
         check_positive(self.cpus_per_worker, "cpus_per_worker")
+        if self.is_sweep:
+            from raydapt.extend.sweep import sweep_grid
+            sweep_grid(self)  # the lists parse and name known methods
         check(math.isfinite(self.original_fraction) and 0 <= self.original_fraction < 1, "original_fraction",
               f"must be in [0, 1), got {self.original_fraction}")
+
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.sweep_methods or self.sweep_lrs)
 
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(method=self.method, extra_params=self.extra_params, alpha=self.alpha)
