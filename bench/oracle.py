@@ -7,7 +7,7 @@ limit: this machine's fp32 matmul peak at the model's own shapes (torch.matmul, 
     candidate per request (BBT's reference code: a forward of the whole train set per candidate,
     no sharing), in process and through the 2-stage Ray pipeline. Each case's FLOPs are counted on
     the real tokens it computes (attention included, padding not) and its achieved FLOP/s is given
-    as a fraction of the peak.
+    as a fraction of the peak of the threads it runs on (1 in process, 1 per stage actor).
 scaling: time per request as P, N, L and S each double from the default request, as ratios to it
     (through Ray stage actors, prefix sharing on).
 
@@ -34,6 +34,7 @@ from transformers import AutoConfig
 from actors.cluster import init_ray
 from actors.pipeline import LocalPool, RayPool
 from raydapt.defaults import default_model_dir
+from raydapt.models.checkpoint import model_info
 from raydapt.models.shard import load_shard
 from raydapt.oracle import ShardedOracle, sharing_plan
 from raydapt.results import bench_output, machine, write_bench
@@ -167,9 +168,12 @@ def limit_section(args, model_dir, costs, peak, pools, embed_dim, vocab) -> dict
             flops[f"{where}_unshared"] = flops[f"{where}_one_by_one"] = request_flops(
                 costs, ids, lengths, len(prompts), length, args.micro_batch, False)
         median = measure(cases, args.repeats)
-        rows = {name: {"median_s": median[name], "flops": flops[name],
-                       "flops_per_s": flops[name] / median[name],
-                       "fraction_of_peak": flops[name] / median[name] / peak["flops_per_s"]} for name in cases}
+        workers = {"in_process": 1, "pipeline": 2}  # threads at work: 1 in process, 1 per stage actor
+        rows = {}
+        for name in cases:
+            limit = workers["pipeline" if name.startswith("pipeline") else "in_process"] * peak["flops_per_s"]
+            rows[name] = {"median_s": median[name], "flops": flops[name], "flops_per_s": flops[name] / median[name],
+                          "fraction_of_peak": flops[name] / median[name] / limit}
         ratios = {}
         for where in pools:
             ratios[f"one_by_one_over_shared_{where}"] = median[f"{where}_one_by_one"] / median[f"{where}_shared"]
@@ -243,7 +247,7 @@ def main(argv=None) -> dict:
     load_before, uptime_before = os.getloadavg(), uptime()
     print(f"machine: {uptime_before}")
     model_dir = args.model or str(default_model_dir("large"))
-    info = LocalPool(PoolSpec(model_dir)).info
+    info = model_info(model_dir)  # (a LocalPool here would pin this process to 1 torch thread)
     costs = model_costs(model_dir)
     figures = {"model": model_dir, "population": args.population, "examples": args.examples,
                "prompt_lengths": args.prompt_lengths, "micro_batch": args.micro_batch, "repeats": args.repeats,
@@ -252,17 +256,23 @@ def main(argv=None) -> dict:
     if args.only in (None, "limit"):
         # Peak at the tokens of one micro-batch of the default request's rows (real positions).
         rows = args.micro_batch * (args.prompt_lengths[0] + 20)
-        peak = matmul_peak(costs, rows)
-        print(f"fp32 matmul peak at the model's shapes ({rows} rows, {peak['threads']} torch threads): "
-              f"{peak['flops_per_s'] / 1e9:.2f} GFLOP/s")
-        pools = {"in_process": LocalPool(PoolSpec(model_dir, threads=None)),
+        # One torch thread per worker, in process as in each stage actor: on a shared machine two threads
+        # wait on each other far longer than they compute, and a small op (the shared path has more)
+        # pays that wait each time. The limit of W workers is W x the one-thread peak.
+        threads = torch.get_num_threads()
+        peak = {"all_threads_flops_per_s": matmul_peak(costs, rows)["flops_per_s"], "all_threads": threads}
+        torch.set_num_threads(1)
+        peak |= matmul_peak(costs, rows)
+        print(f"fp32 matmul peak at the model's shapes ({rows} rows): {peak['flops_per_s'] / 1e9:.2f} GFLOP/s on "
+              f"1 torch thread, {peak['all_threads_flops_per_s'] / 1e9:.2f} on {threads}")
+        pools = {"in_process": LocalPool(PoolSpec(model_dir, threads=1)),
                  "pipeline": RayPool(PoolSpec(model_dir, stages=2, cpus_per_stage=1))}
         try:
             figures["peak"] = peak
             figures["limit"] = limit_section(args, model_dir, costs, peak, pools, info.embed_dim, info.vocab_size)
         finally:
             pools["pipeline"].shutdown()
-        figures["peak_after"] = matmul_peak(costs, rows)["flops_per_s"]  # the machine's load may have moved
+        figures["peak_after"] = matmul_peak(costs, rows)["flops_per_s"]  # 1 thread; the load may have moved
     if args.only in (None, "scaling"):
         figures["scaling"] = scaling_section(args, model_dir, info.embed_dim, info.vocab_size)
     figures["uptime_before"], figures["uptime_after"] = uptime_before, uptime()

@@ -333,10 +333,10 @@ def _oracle_limit(fig: dict) -> list[str]:
              ("unshared", "the population in one request, every row runs the prefix"),
              ("one_by_one", "one candidate per request (BBT's reference code), unshared"))
     lines = [f"fp32 matmul peak at the model's own shapes, timed in the same run: {peak['flops_per_s'] / 1e9:.1f} "
-             f"GFLOP/s on {peak['threads']} torch threads, the in-process case's ({fig['peak_after'] / 1e9:.1f} after the "
-             f"cases; {peak['one_thread_flops_per_s'] / 1e9:.1f} on 1 thread, a stage actor's). FLOPs are counted on "
-             f"the real tokens each case computes, attention included, padding not; fractions are of the "
-             f"first peak.", "",
+             f"GFLOP/s on 1 torch thread ({fig['peak_after'] / 1e9:.1f} after the cases; "
+             f"{peak['all_threads_flops_per_s'] / 1e9:.1f} on {peak['all_threads']} threads). In process runs on 1 "
+             f"thread and each stage actor on 1, so a case's limit is 1 or 2 x the 1-thread peak. FLOPs are counted "
+             f"on the real tokens each case computes, attention included, padding not.", "",
              "| L | request | in process | of peak | 2-stage Ray pipeline | of peak |", "|---|---|---|---|---|---|"]
     for length in lengths:
         rows = limit[length]["cases"]

@@ -153,7 +153,8 @@ def _oracle_figures() -> dict:
                       "ratio": t / 0.5} for name, p, t in (("default", 20, 0.5), ("population_x2", 40, 0.9))}
     return {"model": "m", "population": 20, "examples": 32, "prompt_lengths": [10, 50], "micro_batch": 32,
             "repeats": 3, "quick": False, "synthetic": False,
-            "peak": {"flops_per_s": 80e9, "threads": 2, "one_thread_flops_per_s": 45e9, "shapes": []},
+            "peak": {"flops_per_s": 80e9, "threads": 1, "all_threads_flops_per_s": 45e9, "all_threads": 2,
+                     "shapes": []},
             "peak_after": 78e9, "limit": {"10": at(0.5), "50": at(1.0)}, "scaling": scaling,
             "uptime_before": "up 3:00, load average: 1.00, 1.00, 1.00", "uptime_after": "x", "machine": _machine()}
 
@@ -162,7 +163,7 @@ def test_oracle_table_from_known_figures(tmp_path):
     from raydapt.results import performance_block
     (tmp_path / "oracle.json").write_text(json.dumps(_oracle_figures()))
     perf = performance_block(tmp_path)
-    assert "80.0 GFLOP/s on 2 torch threads" in perf and "45.0 on 1 thread" in perf
+    assert "80.0 GFLOP/s on 1 torch thread (78.0 after the cases; 45.0 on 2 threads)" in perf
     assert "load average: 1.00, 1.00, 1.00" in perf
     assert "| 50 | the population in one request, prompt prefix shared | 1000 ms | 50% | 1000 ms | 50% |" in perf
     assert "| 10 | one candidate per request (BBT's reference code), unshared | 2000 ms | 30% | 2000 ms | 30% |" in perf
