@@ -3,6 +3,7 @@ residue's loss on known answers, sizes, LoRA through peft, and a frozen backbone
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -167,3 +168,25 @@ def test_saved_adapters_load_onto_a_fresh_copy_and_refuse_another_backbone(tiny_
     gpt2, _ = _extended(tiny_checkpoints, "gpt2", "neutral")
     with pytest.raises(UserError, match="no place in this model"):
         load_trainable(gpt2, state)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_adapters_attached_block_by_block_match_the_whole_model(tiny_checkpoints, family):
+    """What a pipeline stage would do with its own blocks gives the logits of the extended model."""
+    from raydapt.adapters.attach import attach_to_blocks, ffn_sites
+
+    model, cfg = _extended(tiny_checkpoints, family, "neutral")
+    with torch.no_grad():
+        for a in adapters_of(model):
+            a.w_o.weight.normal_(0, 0.1)
+    tensors = {k: v.clone() for k, v in trainable_state(model).items()}
+    plain = copy.deepcopy(tiny_checkpoints[family][1]).eval()
+    blocks = [b for b, _, _ in ffn_sites(plain)]
+    for part in ({0: blocks[0], 1: blocks[1]}, {2: blocks[2], 3: blocks[3]}):  # two "stages"
+        attach_to_blocks(part, family, plain.config.hidden_size, cfg, tensors)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(UserError, match="do not fit"):
+        attach_to_blocks({0: copy.deepcopy(blocks[0])}, family, 32, dataclasses.replace(cfg, hidden=cfg.hidden + 1),
+                         tensors)

@@ -19,7 +19,7 @@ from raydapt.adapters.config import GATED, AdapterConfig
 from raydapt.adapters.layers import GatedResidual, adapter_width
 from raydapt.errors import UserError
 
-__all__ = ["attach", "adapters_of", "trainable_state", "load_trainable", "base_record", "ffn_sites",
+__all__ = ["attach", "attach_to_blocks", "adapters_of", "trainable_state", "load_trainable", "base_record", "ffn_sites",
            "backbone_parameters", "ADAPTER_NAME"]
 
 ADAPTER_NAME = "residual_adapter"
@@ -83,6 +83,38 @@ def attach(model: nn.Module, cfg: AdapterConfig) -> tuple[nn.Module, AdapterConf
         first.register_forward_pre_hook(_keep_input(adapter))
         last.register_forward_hook(_add_residual(adapter))
     return model, cfg
+
+
+def attach_to_blocks(blocks: dict[int, nn.Module], model_type: str, d: int, cfg: AdapterConfig,
+                     tensors: dict[str, torch.Tensor]) -> None:
+    """Put trained gated/vanilla adapters on some decoder blocks only (a pipeline stage's), by global
+    block index; `tensors` are the full model's (`adapters.safetensors`), only these blocks' are read.
+
+    For serving an extended model sharded (`raydapt score --adapters`): a stage calls this on the
+    blocks it owns. LoRA and full fine-tuning are served as a merged ordinary checkpoint instead.
+    """
+    if cfg.method not in GATED + ("adapter",):
+        raise UserError(f"adapters: {cfg.method} is served as a merged checkpoint, not attached to blocks")
+    if model_type not in _SITES:
+        raise UserError(f"adapters: unsupported architecture {model_type!r}; supported: {', '.join(_SITES)}")
+    prefix, first, last = _SITES[model_type]
+    for index, block in blocks.items():
+        adapter = GatedResidual(d, cfg.hidden, cfg_blocks(cfg), cfg.gate, cfg.init, cfg.activation)
+        key = f"{prefix}.{index}.{ADAPTER_NAME}."
+        mine = {k[len(key):]: v for k, v in tensors.items() if k.startswith(key)}
+        expected = dict(adapter.named_parameters())
+        if set(mine) != set(expected) or any(mine[k].shape != expected[k].shape for k in expected):
+            raise UserError(f"adapters: block {index}'s tensors do not fit this backbone ({sorted(mine)[:2]}...)")
+        adapter.load_state_dict(mine)
+        adapter.requires_grad_(False)
+        block.add_module(ADAPTER_NAME, adapter)
+        block.get_submodule(first).register_forward_pre_hook(_keep_input(adapter))
+        block.get_submodule(last).register_forward_hook(_add_residual(adapter))
+
+
+def cfg_blocks(cfg: AdapterConfig) -> int:
+    """The backbone's block count, from the base record attach wrote (init scale only)."""
+    return json.loads(cfg.base_model)["layers"] if cfg.base_model else 1
 
 
 def _keep_input(adapter: GatedResidual):
