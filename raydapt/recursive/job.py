@@ -147,7 +147,7 @@ def _general_text(cfg, tokenizer) -> np.ndarray:
     from raydapt.data.corpus import load_corpus, read_text
 
     corpus = load_corpus()
-    texts = [t for t in (read_text(corpus.root / f) for f in corpus.pretrain[::GENERAL_FILES]) if t]
+    texts = (t for t in (read_text(corpus.root / f) for f in corpus.pretrain[::GENERAL_FILES]) if t)
     need = cfg.pretrain_batch * cfg.pretrain_steps + HELD_WINDOWS
     windows = text_windows(tokenizer, texts, cfg.pretrain_context + cfg.pretrain_continuation, need)
     if len(windows) < HELD_WINDOWS + cfg.pretrain_batch:

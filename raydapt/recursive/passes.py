@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -96,12 +98,15 @@ def last_states(hidden: torch.Tensor, ends: np.ndarray, m: int) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0])[:, None], at]
 
 
-def text_windows(tokenizer, texts: list[str], width: int, limit: int) -> np.ndarray:
-    """Up to `limit` non-overlapping windows of `width` tokens, text by text in order: (n, width)."""
-    windows = []
-    for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        ids = np.asarray(encoding.ids, np.int64)
-        windows += [ids[s:s + width] for s in range(0, len(ids) - width + 1, width)]
-        if len(windows) >= limit:
+def text_windows(tokenizer, texts, width: int, limit: int, group: int = 8) -> np.ndarray:
+    """Up to `limit` non-overlapping windows of `width` tokens, text by text in order: (n, width).
+    `texts` may be lazy: they are read and tokenised `group` at a time, only until there are enough."""
+    windows, texts = [], iter(texts)
+    while len(windows) < limit:
+        batch = list(itertools.islice(texts, group))
+        if not batch:
             break
+        for encoding in tokenizer.backend_tokenizer.encode_batch(batch, add_special_tokens=False):
+            ids = np.asarray(encoding.ids, np.int64)
+            windows += [ids[s:s + width] for s in range(0, len(ids) - width + 1, width)]
     return np.stack(windows[:limit]) if windows else np.zeros((0, width), np.int64)
