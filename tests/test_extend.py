@@ -139,6 +139,10 @@ def test_two_worker_run_learns_keeps_the_backbone_and_survives_a_killed_worker(r
                                                                  "adapters.safetensors", "curve.png"}
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest  # the backbone's bytes, unchanged
     assert 0.15 < clean["extra_fraction"] < 0.25
+    # --resume on a finished run keeps it (no training, same result), whatever neutral field changed.
+    again = parse_args(ExtendConfig, [*common, "--resume", "--fault-injection", "kill-worker:after-steps=1",
+                                      "--output-dir", str(tmp_path / "clean")])
+    assert run_extend_job(again, lambda: pytest.fail("a finished run started Ray Train")) == clean
 
 
 def test_pareto_front_and_sweep_grid(tmp_path):
@@ -185,3 +189,17 @@ def test_run_sweep_writes_the_tradeoff_and_keeps_finished_runs_on_resume(tmp_pat
     calls.clear()
     import dataclasses
     assert run_sweep(dataclasses.replace(cfg, resume=True), None, fake_run) == summary and calls == []
+
+
+def test_help_lists_every_method_and_states_defaults_once():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "jobs" / "extend.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    from raydapt.adapters.config import METHODS
+    assert all(f"{m}:" in text for m in METHODS) and "--extra-params" in text and "--sweep-lrs" in text
+    model = text.split("--model MODEL ", 1)[1].split(" --", 1)[0]
+    assert model.count("default") == 1, model

@@ -27,7 +27,7 @@ from raydapt.errors import UserError
 from raydapt.extend.config import RESULT_NEUTRAL_FIELDS
 from raydapt.extend.data import EVAL_SETS, build_data, read_corpora, step_rows
 from raydapt.models.checkpoint import model_info
-from raydapt.outputs import append_jsonl, save_tensors, write_atomic, write_result
+from raydapt.outputs import append_jsonl, read_json, save_tensors, write_atomic, write_result
 
 __all__ = ["run_extend_job", "evaluate", "load_extended", "ADAPTERS_FILE"]
 
@@ -45,7 +45,10 @@ def run_extend_job(cfg, make_runtime) -> dict:
     if cfg.context > info.max_positions:
         raise UserError(f"--context {cfg.context} exceeds the model's context of {info.max_positions}")
     data = build_data(cfg, _tokenizer(cfg.model), corpora)  # before the output dir exists
-    out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS, marker="no-such-dir")  # Ray Train keeps the checkpoints
+    # Ray Train keeps this run's checkpoints (<storage>/extend) and resumes from them by itself.
+    out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS, marker="no-signed-checkpoint-here")
+    if cfg.resume and (out / "result.json").exists():
+        return read_json(out / "result.json")  # a finished run is kept as it is
     plan = step_rows(data.train_original, cfg.batch, cfg.steps, cfg.original_fraction, cfg.seed)
     runtime = make_runtime()
     runtime.start(math.ceil(cfg.workers * cfg.cpus_per_worker), dashboard=True)  # Ray Train queries its state there
