@@ -187,7 +187,9 @@ RECURSIVE_RUNS = (("recursive-one", "one pass (its prompt trained for all the st
 
 
 def _p_value(value: float) -> str:
-    return "–" if value != value else f"{value:.3f}"  # NaN: no spread to test (e.g. equal differences)
+    if value != value:  # NaN: nothing to test (one seed, equal differences, no discordant rows)
+        return "–"
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _recursive_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
