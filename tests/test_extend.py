@@ -203,3 +203,56 @@ def test_help_lists_every_method_and_states_defaults_once():
     assert all(f"{m}:" in text for m in METHODS) and "--extra-params" in text and "--sweep-lrs" in text
     model = text.split("--model MODEL ", 1)[1].split(" --", 1)[0]
     assert model.count("default") == 1, model
+
+
+def _saved_run(tmp_path: Path, tiny_checkpoints, method: str) -> tuple[Path, object]:
+    """A run dir holding adapters.safetensors as jobs/extend.py writes it (trained tensors perturbed)."""
+    import torch
+
+    from raydapt.adapters import AdapterConfig, trainable_state
+    from raydapt.extend.job import load_extended
+    from raydapt.outputs import save_tensors
+
+    model_dir = str(tiny_checkpoints["llama"][0])
+    model, cfg = load_extended(model_dir, AdapterConfig(method=method), None, seed=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "w_o" in name or method == "full"):
+                p.add_(torch.randn_like(p) * 0.05)
+    run = tmp_path / method
+    run.mkdir()
+    save_tensors(run / "adapters.safetensors", {k: v.numpy() for k, v in trainable_state(model).items()},
+                 metadata={"adapter_config": cfg.to_json(), "model": model_dir, "method": method, "seed": "2"})
+    return run, model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_lora_and_full_export_as_a_merged_checkpoint(tmp_path, tiny_checkpoints, method):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raydapt.extend.export import export_merged
+
+    run, model = _saved_run(tmp_path, tiny_checkpoints, method)
+    merged_dir = export_merged(run, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0) and not torch.equal(
+        want, tiny_checkpoints["llama"][1].eval()(input_ids=ids).logits)
+
+
+def test_adapters_refuse_another_backbone_and_gated_ones_refuse_merging(tmp_path, tiny_checkpoints):
+    from raydapt.extend.export import export_merged, load_run
+
+    run, model = _saved_run(tmp_path, tiny_checkpoints, "neutral")
+    extended, cfg = load_run(run / "adapters.safetensors")
+    assert cfg.method == "neutral" and cfg.hidden > 0
+    with pytest.raises(UserError, match="trained on another backbone"):
+        load_run(run / "adapters.safetensors", str(tiny_checkpoints["qwen2"][0]))
+    with pytest.raises(UserError, match="cannot be merged"):
+        export_merged(run, tmp_path / "m")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(UserError, match="not an adapters file"):
+        load_run(tmp_path / "junk.safetensors")
