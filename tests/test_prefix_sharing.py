@@ -203,3 +203,15 @@ def test_shared_prefix_through_the_ray_pipeline_equals_in_process(tiny_checkpoin
     finally:
         pool.shutdown()
     assert got.tobytes() == expected.tobytes()
+
+
+def test_shared_text_without_a_prompt(tiny_checkpoints):
+    # The hand-written template alone (no prompt): the rows' common tokens are shared the same way.
+    directory, _ = tiny_checkpoints["gpt2"]
+    ids, lengths = inputs(9)
+    shared = oracle(directory, 2)
+    used = count_shared(shared.pool)
+    got = shared.label_logits(ids, lengths, LABELS)
+    expected = oracle(directory, 2, sharing=False).label_logits(ids, lengths, LABELS)
+    assert used[0] > 0 and got.shape == (1, 9, 3)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
