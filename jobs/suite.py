@@ -41,6 +41,8 @@ RUNS = {  # name: (job, extra flags)
     "recursive-textual": ("recursive", ["--method", "textual"]),
     "recursive-neural": ("recursive", ["--method", "neural"]),
     "recursive-neural-nopre": ("recursive", ["--method", "neural_no_pretrain"]),
+    # The pre-training at the default's length in every preset: --quick's 40 steps hardly train it.
+    "recursive-neural-longpre": ("recursive", ["--method", "neural", "--pretrain-steps", "300"]),
 }
 NEEDS_RAY = ("comblm",)  # Ray Train and Ray tasks: --local does not apply
 

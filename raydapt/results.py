@@ -183,7 +183,8 @@ def _idpt_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
 RECURSIVE_RUNS = (("recursive-one", "one pass (its prompt trained for all the steps)"),
                   ("recursive-textual", "textual: pass 2 reads k sampled answers"),
                   ("recursive-neural", "neural: connector pre-trained on language modelling"),
-                  ("recursive-neural-nopre", "neural, connector not pre-trained"))
+                  ("recursive-neural-nopre", "neural, connector not pre-trained"),
+                  ("recursive-neural-longpre", "neural, connector pre-trained for 300 steps"))
 
 
 def _p_value(value: float) -> str:
@@ -236,10 +237,11 @@ def _recursive_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
                      f"{textual[0]['config']['temperature']}: one of them right "
                      f"{_mean_std([r['any_answer_test_exact_match'] for r in textual])}, their majority vote right "
                      f"{_mean_std([r['majority_vote_test_exact_match'] for r in textual])}.")
-    neural = rows.get("recursive-neural", [])
-    if neural:
+    losses = [f"{rows[name][0]['config']['pretrain_steps']} steps {_mean_std([r['connector_held_out_lm_loss'] for r in rows[name]], 1.0, 3)}"
+              for name in ("recursive-neural", "recursive-neural-longpre") if rows.get(name)]
+    if losses:
         lines.append("Neural: the pre-trained connector's held-out LM loss (pass 2 predicting a window's second half "
-                     f"from its vectors alone): {_mean_std([r['connector_held_out_lm_loss'] for r in neural], 1.0, 3)}.")
+                     f"from its vectors alone), after {' and '.join(losses)}.")
     return lines + [""]
 
 
