@@ -40,10 +40,10 @@ def run_extend_job(cfg, make_runtime) -> dict:
     has been checked, so a bad flag never waits for Ray to import."""
     started = time.perf_counter()
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
-    corpora = read_corpora(cfg)  # a missing or empty corpus fails here, before the model is read
-    info = model_info(cfg.model)
+    info = model_info(cfg.model)  # config.json only: before the corpora, which take seconds to read
     if cfg.context > info.max_positions:
         raise UserError(f"--context {cfg.context} exceeds the model's context of {info.max_positions}")
+    corpora = read_corpora(cfg)  # a missing or empty corpus fails here, before the tokenizer is read
     data = build_data(cfg, _tokenizer(cfg.model), corpora)  # before the output dir exists
     # Ray Train keeps this run's checkpoints (<storage>/extend) and resumes from them by itself.
     out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS, marker="no-signed-checkpoint-here")
