@@ -14,6 +14,7 @@ classification task (its targets are a few single-token words) is scored the sam
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from raydapt.defaults import assets_dir
 from raydapt.errors import UserError
 
-__all__ = ["IGNORE", "KINDS", "SPLITS", "MultiTask", "EncodedMulti", "default_multitask_dir", "load_multitask",
+__all__ = ["select_tasks", "IGNORE", "KINDS", "SPLITS", "MultiTask", "EncodedMulti", "default_multitask_dir", "load_multitask",
            "encode_multitask", "end_token_id", "exact_match"]
 
 IGNORE = -100  # the label of a position no loss is taken at (Hugging Face's ignore_index)
@@ -177,3 +178,18 @@ def exact_match(predictions: np.ndarray, encoded: EncodedMulti, end: bool = True
         checked &= np.arange(1, T)[None] < (encoded.lengths - 1)[:, None]
     right = predictions[:, : T - 1] == encoded.labels[:, 1:]
     return np.all(right | ~checked, axis=1)
+
+
+def select_tasks(multi: MultiTask, names: list[str]) -> MultiTask:
+    """`multi` restricted to `names`, in that order (all tasks when empty); an unknown name is a UserError."""
+    if not names:
+        return multi
+    unknown = [n for n in names if n not in multi.names]
+    if unknown:
+        raise UserError(f"--tasks: unknown task {unknown[0]!r}; accepted: {', '.join(multi.names)}")
+    keep = [multi.names.index(n) for n in names]
+    pick = lambda rows: [r for r in rows if r["task"] in names]  # noqa: E731
+    return dataclasses.replace(multi, names=list(names), kinds=[multi.kinds[i] for i in keep],
+                               templates=[multi.templates[i] for i in keep],
+                               descriptions=multi.descriptions and [multi.descriptions[i] for i in keep],
+                               train=pick(multi.train), dev=pick(multi.dev), test=pick(multi.test))

@@ -20,7 +20,7 @@ import torch
 
 from raydapt.bbt.job import prepare_output_dir
 from raydapt.config import to_dict
-from raydapt.data.multitask import IGNORE, EncodedMulti, encode_multitask, load_multitask
+from raydapt.data.multitask import IGNORE, EncodedMulti, encode_multitask, load_multitask, select_tasks
 from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
@@ -46,7 +46,7 @@ def run_idpt_job(cfg, runtime: Runtime) -> dict:
                               generator=cfg.generator or str(default_model_dir("small")))
     # Every input check before a worker starts.
     tokenizer = _check_tokenizers(cfg)
-    multi = _select_tasks(load_multitask(cfg.tasks_dir or None), cfg.task_names())
+    multi = select_tasks(load_multitask(cfg.tasks_dir or None), cfg.task_names())
     info = model_info(cfg.model)
     data = {s: encode_multitask(tokenizer, multi, getattr(multi, s)) for s in ("train", "dev", "test")}
     longest = max(int(d.lengths.max()) for d in data.values())
@@ -97,20 +97,6 @@ def _check_tokenizers(cfg):
         raise UserError(f"--generator {cfg.generator}: its tokenizer differs from --model's; the generator reads "
                         "the same token ids, so give a small LM trained with the large LM's tokenizer")
     return large
-
-
-def _select_tasks(multi, names: list[str]):
-    if not names:
-        return multi
-    unknown = [n for n in names if n not in multi.names]
-    if unknown:
-        raise UserError(f"--tasks: unknown task {unknown[0]!r}; accepted: {', '.join(multi.names)}")
-    keep = [multi.names.index(n) for n in names]
-    pick = lambda rows: [r for r in rows if r["task"] in names]  # noqa: E731
-    return dataclasses.replace(multi, names=list(names), kinds=[multi.kinds[i] for i in keep],
-                               templates=[multi.templates[i] for i in keep],
-                               descriptions=multi.descriptions and [multi.descriptions[i] for i in keep],
-                               train=pick(multi.train), dev=pick(multi.dev), test=pick(multi.test))
 
 
 def _build_module(cfg, embedding_std: float, width: int) -> torch.nn.Module:

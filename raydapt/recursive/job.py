@@ -26,12 +26,12 @@ import torch
 
 from raydapt.bbt.job import prepare_output_dir
 from raydapt.config import to_dict
-from raydapt.data.multitask import IGNORE, SPLITS, EncodedMulti, encode_multitask, end_token_id, load_multitask
+from raydapt.data.multitask import (IGNORE, SPLITS, EncodedMulti, encode_multitask, end_token_id, load_multitask,
+                                    select_tasks)
 from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.graybox import FrozenLM, ShardedGrayBox
-from raydapt.idpt.job import _select_tasks
 from raydapt.models.checkpoint import model_info, optimizer_arrays, optimizer_state
 from raydapt.oracle import ShardedOracle
 from raydapt.outputs import (append_jsonl, load_checkpoint, progress_bar, read_jsonl, save_checkpoint, save_tensors,
@@ -119,7 +119,7 @@ def _select_task(multi, name: str):
     if name not in generation:
         what = "is a classification task" if name in multi.names else "unknown task"
         raise UserError(f"--task {name!r}: {what}; accepted (generation tasks): {', '.join(generation)}")
-    return _select_tasks(multi, [name])
+    return select_tasks(multi, [name])
 
 
 def _check_lengths(cfg, data: dict, context: int, marker: int) -> None:
