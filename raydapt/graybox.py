@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from raydapt.errors import UserError
-from raydapt.oracle import GrayBoxRequest, GrayUsage, ModelInfo, _check_batch, _chunks
+from raydapt.oracle import GrayBoxRequest, GrayUsage, ModelInfo, ShardedOracle, _check_batch, _chunks
+from raydapt.serving import FaultInjection, PoolSpec
 
-__all__ = ["stage_graph", "stage_vjp", "ShardedGrayBox", "FrozenLM", "IGNORE"]
+__all__ = ["stage_graph", "stage_vjp", "ShardedGrayBox", "FrozenLM", "IGNORE", "graybox_pool_spec", "open_frozen_lm"]
 
 IGNORE = -100  # label of a position that has no loss (Hugging Face's ignore_index)
 _keys = itertools.count()
@@ -287,3 +288,22 @@ class FrozenLM:
         values = _ThroughFrozen.apply(self.oracle, request, names, prompt if prompt is not None else dummy,
                                       inputs_embeds if inputs_embeds is not None else dummy)
         return dict(zip(names, values))
+
+
+def graybox_pool_spec(cfg):
+    """(PoolSpec, FaultInjection or None) of a gray-box job's stages from its flags (model, stages,
+    replicas, cpus_per_stage, fault_injection, local), checked before any worker starts."""
+    fault = FaultInjection.parse(cfg.fault_injection)
+    if fault and cfg.local:
+        raise UserError("--fault-injection needs Ray stage actors; drop --local")
+    spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, graybox=True)
+    spec.validate()
+    return spec, fault
+
+
+def open_frozen_lm(pool, cfg, train) -> tuple[FrozenLM, float]:
+    """FrozenLM over `pool`, and the std of the large LM's input embeddings on a few training rows:
+    the scale the trained modules' vectors start at."""
+    frozen = FrozenLM(ShardedGrayBox(pool, cfg.micro_batch, cfg.recompute))
+    std = ShardedOracle(pool).statistics(train.input_ids[:8], train.lengths[:8])["embedding_std"]
+    return frozen, std

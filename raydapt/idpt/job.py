@@ -24,14 +24,13 @@ from raydapt.data.multitask import IGNORE, EncodedMulti, encode_multitask, load_
 from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from raydapt.graybox import FrozenLM, ShardedGrayBox
+from raydapt.graybox import FrozenLM, graybox_pool_spec, open_frozen_lm
 from raydapt.idpt.config import RESULT_NEUTRAL_FIELDS
 from raydapt.idpt.generator import PromptGenerator, StaticPrompt
 from raydapt.models.checkpoint import model_info, optimizer_arrays, optimizer_state
-from raydapt.oracle import ShardedOracle
 from raydapt.outputs import (append_jsonl, load_checkpoint, progress_bar, read_jsonl, save_checkpoint, save_tensors,
                              truncate_jsonl, write_result)
-from raydapt.serving import FaultInjection, PoolSpec, Runtime, pin_coordinator_threads
+from raydapt.serving import Runtime, pin_coordinator_threads
 
 __all__ = ["run_idpt_job", "exact_match"]
 
@@ -53,18 +52,12 @@ def run_idpt_job(cfg, runtime: Runtime) -> dict:
     if longest + cfg.prompt_length > info.max_positions:
         raise UserError(f"--prompt-length {cfg.prompt_length}: with the longest input ({longest} tokens) the "
                         f"prompted sequence exceeds the model's context of {info.max_positions}")
-    fault = FaultInjection.parse(cfg.fault_injection)
-    if fault and cfg.local:
-        raise UserError("--fault-injection needs Ray stage actors; drop --local")
-    spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, graybox=True)
-    spec.validate()
+    spec, fault = graybox_pool_spec(cfg)
     out, resuming = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
 
     pool = runtime.open_pool(spec, fault)
     try:
-        frozen = FrozenLM(ShardedGrayBox(pool, cfg.micro_batch, cfg.recompute))
-        train = data["train"]
-        embedding_std = ShardedOracle(pool).statistics(train.input_ids[:8], train.lengths[:8])["embedding_std"]
+        frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
         torch.manual_seed(cfg.seed)
         module = _build_module(cfg, embedding_std, info.embed_dim)
         opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)

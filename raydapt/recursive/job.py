@@ -31,15 +31,14 @@ from raydapt.data.multitask import (IGNORE, SPLITS, EncodedMulti, encode_multita
 from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from raydapt.graybox import FrozenLM, ShardedGrayBox
+from raydapt.graybox import FrozenLM, graybox_pool_spec, open_frozen_lm
 from raydapt.models.checkpoint import model_info, optimizer_arrays, optimizer_state
-from raydapt.oracle import ShardedOracle
 from raydapt.outputs import (append_jsonl, load_checkpoint, progress_bar, read_jsonl, save_checkpoint, save_tensors,
                              truncate_jsonl, write_result)
 from raydapt.recursive.config import RESULT_NEUTRAL_FIELDS
 from raydapt.recursive.connector import RecursiveLM
 from raydapt.recursive.passes import last_states, sample_answers, source_tokens, text_windows, with_answers
-from raydapt.serving import FaultInjection, PoolSpec, Runtime, pin_coordinator_threads
+from raydapt.serving import Runtime, pin_coordinator_threads
 
 __all__ = ["run_recursive_job"]
 
@@ -77,18 +76,12 @@ def run_recursive_job(cfg, runtime: Runtime) -> dict:
     marker = tokenizer.encode(MARKER, add_special_tokens=False)
     _check_lengths(cfg, data, info.max_positions, len(marker))
     windows = _general_text(cfg, tokenizer) if cfg.method == "neural" else None
-    fault = FaultInjection.parse(cfg.fault_injection)
-    if fault and cfg.local:
-        raise UserError("--fault-injection needs Ray stage actors; drop --local")
-    spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, graybox=True)
-    spec.validate()
+    spec, fault = graybox_pool_spec(cfg)
     out, resuming = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
 
     pool = runtime.open_pool(spec, fault)
     try:
-        frozen = FrozenLM(ShardedGrayBox(pool, cfg.micro_batch, cfg.recompute))
-        train = data["train"]
-        embedding_std = ShardedOracle(pool).statistics(train.input_ids[:8], train.lengths[:8])["embedding_std"]
+        frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
         torch.manual_seed(cfg.seed)
         model = RecursiveLM(cfg.method, cfg.prompt_length, info.embed_dim, embedding_std, cfg.connector_width)
         step, saved_optimizer = _restore(out, model) if resuming else (0, None)
