@@ -41,19 +41,14 @@ class GradientConfig(TaskConfig):
 
 def _check_model(model: str):
     """The --model directory: a supported checkpoint with safetensors weights and a tokenizer."""
-    from transformers import AutoTokenizer
-
-    from raydapt.models.checkpoint import read_config, tensor_index
+    from raydapt.models.checkpoint import load_tokenizer, read_config, tensor_index
 
     try:
         read_config(model)
         tensor_index(model)  # opens every safetensors header: a corrupted file fails here, not mid-load
     except UserError as e:
         raise UserError(f"--model: {e}")
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {model} has no usable tokenizer ({str(e).splitlines()[0]})")
+    return load_tokenizer(model)
 
 
 def _prepare_output_dir(cfg) -> Path:

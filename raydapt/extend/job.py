@@ -26,7 +26,7 @@ from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.extend.config import RESULT_NEUTRAL_FIELDS
 from raydapt.extend.data import EVAL_SETS, build_data, read_corpora, step_rows
-from raydapt.models.checkpoint import model_info
+from raydapt.models.checkpoint import load_tokenizer, model_info
 from raydapt.outputs import append_jsonl, read_json, save_tensors, write_atomic, write_result
 
 __all__ = ["run_extend_job", "evaluate", "load_extended", "ADAPTERS_FILE"]
@@ -44,7 +44,7 @@ def run_extend_job(cfg, make_runtime) -> dict:
     if cfg.context > info.max_positions:
         raise UserError(f"--context {cfg.context} exceeds the model's context of {info.max_positions}")
     corpora = read_corpora(cfg)  # a missing or empty corpus fails here, before the tokenizer is read
-    data = build_data(cfg, _tokenizer(cfg.model), corpora)  # before the output dir exists
+    data = build_data(cfg, load_tokenizer(cfg.model), corpora)  # before the output dir exists
     # Ray Train keeps this run's checkpoints (<storage>/extend) and resumes from them by itself.
     out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS, marker="no-signed-checkpoint-here")
     if cfg.resume and (out / "result.json").exists():
@@ -59,14 +59,6 @@ def run_extend_job(cfg, make_runtime) -> dict:
         return _finish(cfg, out, data, run, started, Path(marker).exists())
     finally:
         shutil.rmtree(run["checkpoint"], ignore_errors=True)
-
-
-def _tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {model_dir} has no usable tokenizer ({str(e).splitlines()[0]})")
 
 
 def load_extended(model_dir: str, adapter: AdapterConfig, tensors: dict[str, torch.Tensor] | None, seed: int = 0):

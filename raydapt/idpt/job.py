@@ -27,7 +27,7 @@ from raydapt.errors import UserError
 from raydapt.graybox import FrozenLM, graybox_pool_spec, open_frozen_lm
 from raydapt.idpt.config import RESULT_NEUTRAL_FIELDS
 from raydapt.idpt.generator import PromptGenerator, StaticPrompt
-from raydapt.models.checkpoint import model_info, optimizer_arrays, optimizer_state
+from raydapt.models.checkpoint import load_tokenizer, model_info, optimizer_arrays, optimizer_state
 from raydapt.outputs import (append_jsonl, load_checkpoint, progress_bar, read_jsonl, save_checkpoint, save_tensors,
                              truncate_jsonl, write_result)
 from raydapt.serving import Runtime, pin_coordinator_threads
@@ -77,15 +77,7 @@ def run_idpt_job(cfg, runtime: Runtime) -> dict:
 # --- inputs ------------------------------------------------------------------------------------------
 def _check_tokenizers(cfg):
     """The large LM's tokenizer; the generator reads the same token ids, so its must be the same."""
-    from transformers import AutoTokenizer
-
-    def load(path: str, flag: str):
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise UserError(f"--{flag} {path} has no usable tokenizer ({str(e).splitlines()[0]})")
-
-    large, small = load(cfg.model, "model"), load(cfg.generator, "generator")
+    large, small = load_tokenizer(cfg.model, "model"), load_tokenizer(cfg.generator, "generator")
     if cfg.method == "idpt" and large.get_vocab() != small.get_vocab():
         raise UserError(f"--generator {cfg.generator}: its tokenizer differs from --model's; the generator reads "
                         "the same token ids, so give a small LM trained with the large LM's tokenizer")

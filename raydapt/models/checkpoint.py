@@ -16,7 +16,7 @@ from raydapt.errors import UserError
 from raydapt.models.families import SUPPORTED_MODEL_TYPES, Family, family_for
 from raydapt.oracle import ModelInfo
 
-__all__ = ["read_config", "model_info", "tensor_index", "load_tensors", "HF_FILES", "save_optimizer_state",
+__all__ = ["read_config", "model_info", "load_tokenizer", "tensor_index", "load_tensors", "HF_FILES", "save_optimizer_state",
            "load_optimizer_state", "optimizer_arrays", "optimizer_state"]
 
 # The files of a Hugging Face checkpoint directory that raydapt copies (weights, config, tokenizer).
@@ -123,3 +123,12 @@ def load_optimizer_state(path: str | Path, device: str | torch.device = "cpu") -
         text = f.metadata()["optimizer"]
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     return optimizer_state(tensors, text)
+
+
+def load_tokenizer(path, flag: str = "model"):
+    """The tokenizer saved with a checkpoint, or a UserError naming `--flag` and why it is unusable."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--{flag} {path} has no usable tokenizer ({str(e).splitlines()[0]})")

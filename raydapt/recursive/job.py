@@ -32,7 +32,7 @@ from raydapt.data.multitask import exact_match as multitask_exact_match
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.graybox import FrozenLM, graybox_pool_spec, open_frozen_lm
-from raydapt.models.checkpoint import model_info, optimizer_arrays, optimizer_state
+from raydapt.models.checkpoint import load_tokenizer, model_info, optimizer_arrays, optimizer_state
 from raydapt.outputs import (append_jsonl, load_checkpoint, progress_bar, read_jsonl, save_checkpoint, save_tensors,
                              truncate_jsonl, write_result)
 from raydapt.recursive.config import RESULT_NEUTRAL_FIELDS
@@ -69,7 +69,7 @@ def run_recursive_job(cfg, runtime: Runtime) -> dict:
     pin_coordinator_threads()
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
     # Every input check before a worker starts.
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     multi = _select_task(load_multitask(cfg.tasks_dir or None), cfg.task)
     info = model_info(cfg.model)
     data = {s: encode_multitask(tokenizer, multi, getattr(multi, s)) for s in SPLITS}
@@ -99,14 +99,6 @@ def run_recursive_job(cfg, runtime: Runtime) -> dict:
 
 
 # --- inputs ------------------------------------------------------------------------------------------
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {path} has no usable tokenizer ({str(e).splitlines()[0]})")
-
-
 def _select_task(multi, name: str):
     generation = [n for n, kind in zip(multi.names, multi.kinds) if kind == "generation"]
     if name not in generation:
