@@ -1,4 +1,4 @@
-"""CombLM's combiners on one Ray Train run: the same bits as bare Ray tasks, for 1 and 3 workers."""
+"""CombLM's combiners on one Ray Train run of 2 workers: the same bits as bare Ray tasks."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,16 +30,17 @@ def test_train_run_fits_every_combiner_bit_identical_to_tasks(ray_cluster, tmp_p
 
     fits, tests = _inputs()
     by_tasks = fit_all(JOBS, fits, tests, OPTIONS)
-    for workers in (1, 3):
-        storage = tmp_path / f"w{workers}"
-        on_train = fit_combiners_on_train(JOBS, fits, tests, OPTIONS, workers, str(storage))
-        assert sorted(on_train) == sorted(by_tasks)
-        for name, ref in by_tasks.items():
-            got = on_train[name]
-            assert _same(got["state"], ref["state"]), name
-            assert got["losses"] == ref["losses"] and got["nll"] == ref["nll"] and got["kind"] == ref["kind"]
-        assert {r["rank"] for r in on_train.values()} == set(range(workers))  # the workers split them
-        assert not (storage / "combiners").exists()  # the run's folder is removed once read
+    # One run of 2 workers (each Train run starts its own workers, ~20 s of CPU on 2 cores): the
+    # tasks fit one combiner each, so equal bits here mean the split over workers changes nothing.
+    storage = tmp_path / "train"
+    on_train = fit_combiners_on_train(JOBS, fits, tests, OPTIONS, 2, str(storage))
+    assert sorted(on_train) == sorted(by_tasks)
+    for name, ref in by_tasks.items():
+        got = on_train[name]
+        assert _same(got["state"], ref["state"]), name
+        assert got["losses"] == ref["losses"] and got["nll"] == ref["nll"] and got["kind"] == ref["kind"]
+    assert {r["rank"] for r in on_train.values()} == {0, 1}  # the workers split them
+    assert not (storage / "combiners").exists()  # the run's folder is removed once read
     # Real fits: on a 0.3/0.7 mixture a learned weight beats the fixed half-half mean.
     nll = {name: r["nll"]["target_test"] for name, r in by_tasks.items()}
     assert by_tasks["mean"]["state"] == {} and nll["constant_scalar"] < nll["mean"]
