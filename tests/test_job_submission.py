@@ -1,8 +1,8 @@
 """A real Ray head with token authentication, started in a temporary directory: `ray job submit`
-of jobs/gdfo.py --quick succeeds with the token, is refused without it (HTTP 401), and the head's
-metrics endpoint carries the raydapt_* metrics of the run. The head is stopped at the end, even on
-failure, by ending exactly the processes whose command line names this test's temporary directory:
-no other Ray on the machine is touched."""
+of jobs/gdfo.py --quick succeeds with the token, is refused without it (HTTP 401) and with a wrong
+one (403), and the head's metrics endpoint carries the raydapt_* metrics of the run. The head is
+stopped at the end, even on failure, by ending exactly the processes whose command line names this
+test's temporary directory: no other Ray on the machine is touched."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,11 @@ def scrape(url: str) -> dict[str, float]:
             if "raydapt_" in line and not line.startswith("#")}
 
 
+def job_status(dashboard: str, job_id: str, token: str) -> str:
+    request = urllib.request.Request(f"{dashboard}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())["status"]
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_submit_gdfo_with_token_auth(head, tmp_path):
@@ -50,23 +55,27 @@ def test_submit_gdfo_with_token_auth(head, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as wrong:  # and a wrong token: 403
+        job_status(head["dashboard"], "raysubmit_x", "0" * 64)
+    assert wrong.value.code == 403
     # With it: submitted through the CLI, followed until it ends, metrics scraped meanwhile.
     started = subprocess.run(submit, env=head["env"], capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr[-2000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", started.stdout).group(0)  # the CLI colours its output
+    # Followed through the jobs API with the token (a `ray job status` process every 2 s would cost
+    # ~1.5 s of CPU each, a third of this test's time on 2 cores).
+    token = Path(head["env"]["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
     status, seen = "", {}
     deadline = time.time() + 600
     while time.time() < deadline:
         seen |= scrape(head["metrics"])
-        done = subprocess.run([RAY, "job", "status", "--address", head["dashboard"], job_id], env=head["env"],
-                              capture_output=True, text=True)
-        status = (done.stdout + done.stderr).upper()  # the CLI reports through its logger, on stderr
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = job_status(head["dashboard"], job_id, token)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(2)
     logs = subprocess.run([RAY, "job", "logs", "--address", head["dashboard"], job_id], env=head["env"],
                           capture_output=True, text=True).stdout
-    assert "SUCCEEDED" in status, logs[-3000:]
+    assert status == "SUCCEEDED", logs[-3000:]
     seen |= scrape(head["metrics"])
     results = {m: json.loads((out / m / "result.json").read_text()) for m in ("bbt", "gdfo")}
     assert all(r["api_calls"] > 0 and r["test_accuracy"] >= 0 for r in results.values())
