@@ -1,19 +1,41 @@
 """Every bad input to every entry point: one `error: ...` line naming the flag, exit status 2, no
-traceback, nothing written, and before any actor starts.
+traceback, nothing written, and before Ray or any actor starts.
 
-One table, one row per (entry point, argv, fragments the error line must contain). Each row runs the
-real script in a subprocess. `{name}` in an argv is an input file made below; `{out}` is the row's
-output directory (or file), which must not exist afterwards. A row must fail in well under 15 s:
-starting Ray alone takes longer on 2 cores, so a slow row means its check comes too late.
+One table, ROWS, one row per (entry point, argv, fragments the error line must contain). `{name}` in
+an argv is an input file made below; `{out}` is the row's output directory (or file), which must not
+exist afterwards.
+
+`test_bad_input` runs every row in this process (`run_in_process`): the entry script is loaded as a
+module and its `main(argv)` called with stdout, stderr, warnings and log output captured as a real
+process would print them, while a guard makes `ray.init`, creating any actor, task or placement
+group (Ray Train's fit creates actors too) raise. A row that reaches Ray before its check therefore
+fails loudly, even when this pytest session has a Ray cluster up; a 20 s bound backstops slow work
+that needs no Ray (training in `--local`, a large model load). In process a row typically costs well
+under a second instead of 5-8 s of interpreter start and imports; the guard, not a timer, is what
+proves the check comes before Ray.
+
+`test_script_exit_path` runs the first row of each entry point as a real subprocess, as a user would:
+the in-process rows prove the checks, these prove each script's real path (its imports print
+nothing, `sys.exit(2)` reaches the shell, one line on the real stderr).
+
+`run_in_process` is public: other tests of bad input to a job use it too.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import io
 import json
+import logging
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -226,9 +248,8 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-# Where Ray would connect if an entry point started it: a port nothing listens on, so a check made
-# after Ray starts hangs (ray.init waits for a GCS there) instead of passing; the timer alone would
-# depend on the machine's load.
+# Where Ray would connect if a script run in a subprocess started it: a port nothing listens on, so
+# a check made after Ray starts hangs (ray.init waits for a GCS there) instead of passing.
 NO_RAY = {"RAY_ADDRESS": "127.0.0.1:9"}
 
 
@@ -239,6 +260,180 @@ def run_entry_point(entry, argv: list[str], timeout: float = 120, env: dict | No
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                             env=os.environ | (env or {}))
     return result, time.perf_counter() - started
+
+
+# --- Entry points in this process ---------------------------------------------------------------
+
+class RayStartedError(BaseException):
+    """Raised by the guard. A BaseException, so no `except Exception` on the way swallows it."""
+
+
+_MODULES: dict = {}  # script path -> its module, loaded once
+_LIBRARIES = ("numpy", "torch", "transformers", "datasets", "ray", "ray.actor", "ray.remote_function",
+              "ray.util.placement_group")
+_ENTRY_FUNCTION = {"suite.py": "suite"}  # scripts whose command function is not named main
+
+
+def _entry_function(entry):
+    """(the command function, the argv words the entry itself carries, the script's path)."""
+    if isinstance(entry, list):  # ["-m", "actors.cli", "score", ...], as on a command line
+        assert entry[0] == "-m", entry
+        module = importlib.import_module(entry[1])
+        return module.main, list(entry[2:]), module.__file__
+    path = (ROOT / entry).resolve()
+    if path not in _MODULES:
+        spec = importlib.util.spec_from_file_location(f"entry_point_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[path] = module
+    return getattr(_MODULES[path], _ENTRY_FUNCTION.get(path.name, "main")), [], str(path)
+
+
+def _guard_ray(mp: pytest.MonkeyPatch, calls: list[str]) -> None:
+    """Make starting Ray, or anything on a Ray cluster already up, raise RayStartedError.
+
+    ray.init covers a cluster started or joined (jobs call it through actors.cluster.init_ray; Ray's
+    auto-init on ray.get/put calls it too). When this pytest session already has a cluster up
+    (tests/conftest.py's ray_cluster), init_ray skips ray.init, so what runs on the cluster is guarded
+    too: every actor (stage pools, the GDFO student, Ray Train's controller and workers: TorchTrainer
+    .fit creates them through ActorClass._remote), every task, placement groups and object puts.
+    """
+    import ray
+    import ray._private.worker
+    import ray.actor
+    import ray.remote_function
+
+    placement_groups = sys.modules["ray.util.placement_group"]  # ray.util.placement_group: the function
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            calls.append(what)
+            raise RayStartedError(f"{what} called: this entry point reached Ray before refusing its bad input")
+        return refused
+
+    for target, name in [(ray, "init"), (ray._private.worker, "init"), (ray, "put"),
+                         (ray.actor.ActorClass, "_remote"), (ray.remote_function.RemoteFunction, "_remote"),
+                         (placement_groups, "placement_group")]:
+        mp.setattr(target, name, refuse(f"{getattr(target, '__name__', target)}.{name}"))
+
+
+@contextlib.contextmanager
+def _as_a_process_prints(out: io.StringIO, err: io.StringIO, main_module: str):
+    """stdout and stderr into `out` and `err`, with warnings and log records printed there as a fresh
+    interpreter prints them, not recorded by pytest: so "one line on stderr" means the same here.
+    `main_module` is the script's module, __main__ in a real run."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    handlers = [h for logger in [logging.root, *logging.root.manager.loggerDict.values()]
+                for h in getattr(logger, "handlers", ()) if type(h) is logging.StreamHandler]
+    streams = [h.stream for h in handlers]
+    root_handlers = logging.root.handlers[:]
+    with warnings.catch_warnings():
+        # pytest's own filters show every warning (DeprecationWarning included) to record it; keep the
+        # "ignore" ones (Python's defaults, those the libraries added) and show the rest as Python does.
+        kept = [f for f in warnings.filters if f[0] == "ignore"]
+        warnings.resetwarnings()
+        warnings.filters[:] = kept
+        warnings.simplefilter("default", append=True)
+        warnings.filterwarnings("default", category=DeprecationWarning, module=re.escape(main_module))  # as __main__
+        warnings.showwarning = show
+        try:
+            # pytest's log capture off the root logger: an unhandled WARNING reaches logging.lastResort,
+            # which prints to sys.stderr; library handlers (transformers') print where the process would.
+            logging.root.handlers[:] = [h for h in root_handlers if type(h) is logging.StreamHandler]
+            for h in handlers:
+                h.setStream(out if h.stream in (sys.stdout, sys.__stdout__) else err)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                yield
+        finally:
+            logging.root.handlers[:] = root_handlers
+            for h, stream in zip(handlers, streams):
+                h.setStream(stream)
+
+
+@contextlib.contextmanager
+def _process_state_restored():
+    """Leave this process as it was: what an entry point sets for its own run (torch threads, seeds,
+    environment, logging levels, progress bars, cwd, sys.path) must not reach later tests. (What
+    the libraries set up when first imported is imported before, in run_in_process, and kept.)"""
+    import numpy as np
+    import torch
+
+    environ = dict(os.environ)
+    cwd, path = os.getcwd(), sys.path[:]
+    torch_state = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                   torch.get_default_dtype(), torch.is_grad_enabled())
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    levels = {name: (logger.level, logger.disabled, logger.propagate)
+              for name, logger in [("", logging.root), *logging.root.manager.loggerDict.items()]
+              if isinstance(logger, logging.Logger)}
+    disable = logging.root.manager.disable
+    progress = {module: importlib.import_module(module).is_progress_bar_enabled()  # the jobs import both
+                for module in ("transformers.utils.logging", "datasets.utils.logging")}
+    try:
+        yield
+    finally:
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        os.chdir(cwd)
+        sys.path[:] = path
+        threads, deterministic, dtype, grad = torch_state
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        for name, (level, disabled, propagate) in levels.items():
+            logger = logging.getLogger(name or None)
+            logger.setLevel(level)
+            logger.disabled, logger.propagate = disabled, propagate
+        logging.disable(disable)
+        for module, enabled in progress.items():
+            utils = importlib.import_module(module)
+            utils.enable_progress_bar() if enabled else utils.disable_progress_bar()
+
+
+def run_in_process(entry, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point's command function in this process, as `python ENTRY ARGV...` would from
+    the repository root, and return what it printed and its exit status.
+
+    `entry` is a script path under the repository ("jobs/bbt.py") or `["-m", "actors.cli", ...]`. The
+    script is loaded once; its `main(argv)` is called with Ray guarded (`_guard_ray`: starting Ray,
+    an actor, a task or a placement group raises, and the test fails even if the entry point swallowed
+    the error). SystemExit gives the returncode, a normal return 0; any other exception propagates
+    with its traceback. Whatever the run changes in this process is put back afterwards.
+    """
+    function, words, script = _entry_function(entry)
+    for module in _LIBRARIES:  # imported (and set up) before the state to restore is read
+        importlib.import_module(module)
+    argv = [*words, *map(str, argv)]
+    out, err = io.StringIO(), io.StringIO()
+    calls: list[str] = []
+    with _process_state_restored(), pytest.MonkeyPatch.context() as mp:
+        _guard_ray(mp, calls)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        mp.chdir(ROOT)
+        mp.setattr(sys, "argv", [script, *argv])
+        with _as_a_process_prints(out, err, function.__module__):
+            started = time.perf_counter()
+            try:
+                function(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)  # as the interpreter does with sys.exit("text")
+            seconds = time.perf_counter() - started
+    assert not calls, f"{calls[0]} called (then handled?): {entry} {argv} reached Ray before refusing its input"
+    result = subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+    result.seconds = seconds  # the command function's own time: loading the script is not counted
+    return result
 
 
 def assert_one_line_error(result, *fragments):
@@ -256,24 +451,155 @@ def _row_id(row) -> str:
     return f"{name}:{argv}"
 
 
-@pytest.mark.parametrize("entry, argv, fragments", ROWS, ids=[_row_id(r) for r in ROWS])
-def test_bad_input(tmp_path, inputs, entry, argv, fragments):
+def _row_args(row, tmp_path: Path, inputs: dict) -> tuple[list[str], Path]:
+    """The row's argv with its inputs filled in, and the output it must not write."""
+    entry, argv, _ = row
     out = tmp_path / ("out.parquet" if isinstance(entry, list) else "out")
     args = [a.format(out=out, **inputs) for a in split(argv)]
     if not isinstance(entry, list) and "--output-dir" not in args:
         args += ["--output-dir", str(out)]
+    return args, out
+
+
+@pytest.mark.parametrize("entry, argv, fragments", ROWS, ids=[_row_id(r) for r in ROWS])
+def test_bad_input(tmp_path, inputs, entry, argv, fragments):
+    """Each row in this process, Ray guarded: a check made after Ray (or an actor) starts raises."""
+    args, out = _row_args((entry, argv, fragments), tmp_path, inputs)
+    result = run_in_process(entry, args)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists(), f"{out} was written"  # no result.json, no config.json, nothing
+    # Checks take well under a second here; a model load or training in this process would take longer.
+    assert result.seconds < 20, f"{result.seconds:.1f} s: the check comes after something slow (a model load?)"
+
+
+def _first_row_per_entry_point() -> list:
+    firsts: dict = {}
+    for row in ROWS:
+        firsts.setdefault(_row_id(row).split(":")[0], row)
+    return list(firsts.values())
+
+
+@pytest.mark.parametrize("entry, argv, fragments", _first_row_per_entry_point(),
+                         ids=[_row_id(r) for r in _first_row_per_entry_point()])
+def test_script_exit_path(tmp_path, inputs, entry, argv, fragments):
+    """Each entry point's first row as a real `python SCRIPT ...` subprocess. test_bad_input proves
+    every check in process; this proves each script's own path to the shell: its imports print
+    nothing, exit_on_user_error's sys.exit(2) is the process's status, one line on the real stderr.
+    Ray's address is a closed port (NO_RAY), so a check made after Ray starts hangs past the timeout."""
+    args, out = _row_args((entry, argv, fragments), tmp_path, inputs)
     try:
         result, seconds = run_entry_point(entry, args, timeout=90, env=NO_RAY)
     except subprocess.TimeoutExpired:
         pytest.fail("no error within 90 s: the check comes after Ray starts (it waits for a cluster that is not there)")
     assert_one_line_error(result, *fragments)
-    assert not out.exists(), f"{out} was written"  # no result.json, no config.json, nothing
+    assert not out.exists(), f"{out} was written"
     # Imports and config files take 4-12 s on 2 idle cores; a model load or training would take longer.
     assert seconds < 40, f"{seconds:.1f} s: the check comes after something slow (a model load?)"
 
 
+# What an entry point might do before refusing its input; each must fail run_in_process.
+REACHES_RAY = {
+    "ray.init": "ray.init(address='local', num_cpus=1)",
+    "an actor": "ray.remote(type('Stage', (), {'f': lambda self: 1})).remote()",
+    "a task": "ray.remote(lambda: 1).remote()",
+    "a placement group": "from ray.util.placement_group import placement_group\n    placement_group([{'CPU': 1}])",
+    "handled": "try:\n        ray.init()\n    except BaseException:\n        pass",  # the error swallowed
+}
+
+
+@pytest.mark.parametrize("what", REACHES_RAY)
+def test_run_in_process_fails_an_entry_point_that_reaches_ray_first(tmp_path, what):
+    script = tmp_path / "job.py"
+    script.write_text(f"""import ray
+from raydapt.errors import UserError, exit_on_user_error
+
+@exit_on_user_error
+def main(argv):
+    {REACHES_RAY[what]}
+    raise UserError("--flag: bad")
+""")
+    expected = (AssertionError, "then handled") if what == "handled" else (RayStartedError, "reached Ray")
+    with pytest.raises(expected[0], match=expected[1]):
+        run_in_process(script, [])
+    # Without Ray the same script is an ordinary bad input.
+    script.write_text(script.read_text().replace(REACHES_RAY[what], "pass"))
+    _MODULES.pop(script.resolve())
+    assert_one_line_error(run_in_process(script, []), "--flag: bad")
+
+
+def test_run_in_process_prints_what_the_script_prints(tmp_path):
+    """What a user would see besides the error line reaches the result here too, line for line as a
+    real `python SCRIPT` prints it: warnings (not recorded away by pytest, Python's default filters),
+    log records (not captured by pytest's logging plugin), stdout."""
+    script = tmp_path / "noisy.py"
+    script.write_text("""import logging
+import sys
+import warnings
+
+import transformers
+from raydapt.errors import UserError, exit_on_user_error
+
+@exit_on_user_error
+def main(argv):
+    print("to stdout")
+    warnings.warn("a user warning")
+    warnings.warn("a deprecation in the script: shown", DeprecationWarning)
+    warnings.warn_explicit("a deprecation in a library: hidden", DeprecationWarning, "lib.py", 1, module="lib")
+    logging.getLogger("raydapt.somewhere").warning("a log record")
+    logging.getLogger("raydapt.somewhere").info("below WARNING: not printed")
+    transformers.utils.logging.get_logger("transformers.x").warning("a transformers warning")
+    raise UserError("--flag: bad")
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+""")
+    result = run_in_process(script, [])
+    real = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert (result.returncode, result.stdout, result.stderr) == (real.returncode, real.stdout, real.stderr)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and result.stdout == "to stdout\n" and lines[-1] == "error: --flag: bad"
+    assert len(lines) == 7, lines  # two lines per warning shown, one per log record
+    assert "a log record" in lines and "[transformers] a transformers warning" in lines, lines
+
+
+def test_run_in_process_leaves_this_process_as_it_was(tmp_path):
+    """What an entry point sets for its own run (as the jobs' pin_coordinator_threads does) does not
+    reach the tests after it."""
+    import datasets
+    import numpy as np
+    import torch
+    import transformers
+
+    script = tmp_path / "setter.py"
+    script.write_text(f"""import logging, os, random, sys
+import datasets, numpy, torch, transformers
+from raydapt.errors import UserError, exit_on_user_error
+
+@exit_on_user_error
+def main(argv):
+    torch.set_num_threads({torch.get_num_threads() + 1})
+    torch.manual_seed(1), numpy.random.seed(1), random.seed(1)
+    os.environ["RAYDAPT_TEST_LEAK"] = "1"
+    os.chdir({str(tmp_path)!r})
+    sys.path.insert(0, "somewhere")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar(), datasets.disable_progress_bars()
+    raise UserError("--flag: bad")
+""")
+    def state():
+        return (torch.get_num_threads(), os.environ.get("RAYDAPT_TEST_LEAK"), os.getcwd(), sys.path[:],
+                logging.getLogger("transformers").level, transformers.utils.logging.is_progress_bar_enabled(),
+                datasets.utils.logging.is_progress_bar_enabled(), random.random(), np.random.random(), torch.rand(1).item())
+
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    before = state()
+    random.setstate(rng[0]), np.random.set_state(rng[1]), torch.set_rng_state(rng[2])
+    assert_one_line_error(run_in_process(script, []), "--flag: bad")
+    assert state() == before
+
+
 def test_unknown_command():
-    result, _ = run_entry_point(["-m", "actors.cli"], ["frobnicate"])
+    result = run_in_process(["-m", "actors.cli"], ["frobnicate"])
     assert_one_line_error(result)
     assert result.stderr.strip() == "error: unknown command 'frobnicate'; accepted: score, classify, generate"
 
@@ -322,7 +648,7 @@ def test_resume_on_a_directory_without_a_run_says_it_starts_fresh(tmp_path, caps
 
 @pytest.mark.parametrize("entry", ["jobs/bbt.py", "jobs/gdfo.py", "jobs/prompt_tuning.py", "jobs/comblm.py"])
 def test_help_states_each_default_once(entry):
-    result, _ = run_entry_point(entry, ["--help"])
+    result = run_in_process(entry, ["--help"])
     assert result.returncode == 0, result.stderr[-3000:]
     text = " ".join(result.stdout.split())
     assert "(default: None)" not in text and "(default: False)" not in text  # argparse's, beside ours
@@ -341,12 +667,12 @@ def test_prompt_tuning_refuses_a_finished_run_and_writes_result_last(tmp_path):
     assert sorted(files) == ["best_prompt.safetensors", "config.json", "result.json"]
     # The built-in task's hand-written prompt, as in README/RESULTS (48.67 %: 73 of 150).
     assert json.loads(files["result.json"])["manual_prompt_test_accuracy"] == 73 / 150
-    again, _ = run_entry_point("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
+    again = run_in_process("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
     assert_one_line_error(again, "--output-dir", "already holds a finished run")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # the old prompt untouched
     # An unfinished run of another config (config.json, no result.json) is refused too.
     (out / "result.json").unlink()
-    again, _ = run_entry_point("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
+    again = run_in_process("jobs/prompt_tuning.py", [*argv[:-2], "--seed", "5", "--output-dir", str(out)])
     assert_one_line_error(again, "--output-dir", "different config")
 
 
