@@ -97,6 +97,13 @@ def test_killed_and_resumed_with_every_neutral_field_changed_equals_uninterrupte
     assert report["injected"] and report["stage_restarts"] == 1
 
 
+def run_job_in_process(*args):
+    """jobs/bbt.py's main in this process, Ray guarded (tests/test_cli_errors.py's run_in_process):
+    for bad input, which is refused before any model loads. test_cli_errors runs the script itself."""
+    from tests.test_cli_errors import run_in_process
+    return run_in_process("jobs/bbt.py", list(args))
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -113,20 +120,21 @@ def assert_one_line_error(result, *fragments):
     (["--intrinsic-dim", "0"], ["--intrinsic-dim", ">= 1"]),
 ])
 def test_bad_flags(tmp_path, args, fragments):
-    assert_one_line_error(run_job("--quick", "--local", "--output-dir", tmp_path / "o", *args, check=False), *fragments)
+    result = run_job_in_process("--quick", "--local", "--output-dir", tmp_path / "o", *args)
+    assert_one_line_error(result, *fragments)
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_task_files(tmp_path):
     no_label = tmp_path / "no_label.csv"
     no_label.write_text("text,category\nhello,0\n")
-    result = run_job("--quick", "--local", "--task", no_label, "--verbalizer", " a, b", "--output-dir", tmp_path / "o",
-                     check=False)
+    result = run_job_in_process("--quick", "--local", "--task", no_label, "--verbalizer", " a, b",
+                                "--output-dir", tmp_path / "o")
     assert_one_line_error(result, "label")
     good = tmp_path / "task.jsonl"
     good.write_text("".join(json.dumps({"text": f"line {i}", "label": i % 2}) + "\n" for i in range(40)))
-    result = run_job("--quick", "--local", "--task", good, "--verbalizer", " email, xyzzyplugh",
-                     "--output-dir", tmp_path / "o", check=False)
+    result = run_job_in_process("--quick", "--local", "--task", good, "--verbalizer", " email, xyzzyplugh",
+                                "--output-dir", tmp_path / "o")
     assert_one_line_error(result, "xyzzyplugh", "exactly one token")
 
 
@@ -138,7 +146,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     out.mkdir()
     saved = to_dict(parse_args(BBTConfig, ["--quick", "--local", "--output-dir", str(out)], presets={"quick": QUICK}))
     (out / "config.json").write_text(json.dumps(saved | {"popsize": 99}))
-    result = run_job("--quick", "--local", "--output-dir", out, "--resume", check=False)
+    result = run_job_in_process("--quick", "--local", "--output-dir", out, "--resume")
     assert_one_line_error(result, "--resume", "different config", "popsize")
 
 

@@ -69,18 +69,37 @@ def _run_cli(*args):
     return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUTS = [
     (["--output-dir", "{file}/sub"], "error: --output-dir: cannot write to"),
     (["--large-steps", "0"], "error: --large-steps: must be a positive integer, got 0"),
     (["--large-width", "-8"], "error: --large-width: must be a positive integer, got -8"),
-])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    result = _run_cli("--quick", *[a.format(file=blocker) for a in args])
+]
+
+
+def _assert_exits_2_with_one_line(result, message):
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    """Each bad input, in this process (tests/test_cli_errors.py's run_in_process)."""
+    from tests.test_cli_errors import run_in_process
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_in_process("jobs/pretrain.py", ["--quick", *[a.format(file=blocker) for a in args]])
+    _assert_exits_2_with_one_line(result, message)
+
+
+def test_bad_input_exits_2_from_the_script(tmp_path):
+    """The first bad input as a real `python jobs/pretrain.py` subprocess: the script's own exit path
+    (its imports print nothing, sys.exit(2) is the process's status)."""
+    args, message = BAD_INPUTS[0]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _assert_exits_2_with_one_line(_run_cli("--quick", *[a.format(file=blocker) for a in args]), message)
 
 
 def test_default_task_sizes():
