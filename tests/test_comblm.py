@@ -15,7 +15,7 @@ import pytest
 from raydapt.comblm.domains import build_splits, split_blocks
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from tests.test_cli_errors import assert_one_line_error
+from tests.test_cli_errors import assert_one_line_error, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "comblm.py")]
@@ -85,7 +85,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, case):
         "combiner": (["--combiners", "mean,entropy_scaler"], ["--combiners", "entropy_scaler", "entropy_scalar"]),
         "small_fit": (["--target", small], ["fewer than one combiner batch"]),
     }[case]
-    result = run_job("--output-dir", out, *args, timeout=300)
+    result = run_in_process("jobs/comblm.py", ["--output-dir", out, *args])  # Ray guarded
     assert_one_line_error(result, *fragments)
     assert not out.exists(), f"{out} was written before the input was checked"
 

@@ -89,12 +89,15 @@ def student_with_another_tokenizer(tmp_path) -> Path:
 
 
 def test_bad_input(tmp_path):
-    out = ["--local", "--output-dir", tmp_path / "o"]
-    assert_one_line_error(run(GDFO, "--quick", "--student", tmp_path / "nope", *out, check=False), "does not exist")
-    assert_one_line_error(run(GDFO, "--quick", "--temperature", "0", *out, check=False), "--temperature")
-    assert_one_line_error(run(GDFO, "--quick", "--student-lr", "-0.1", *out, check=False), "--student-lr")
-    result = run(GDFO, "--quick", "--student", student_with_another_tokenizer(tmp_path), *out, check=False)
-    assert_one_line_error(result, "--student", "exactly one token")
+    from tests.test_cli_errors import run_in_process  # main in this process, Ray guarded
+
+    def gdfo(*args):
+        return run_in_process("jobs/gdfo.py", ["--quick", *args, "--output-dir", tmp_path / "o"])
+
+    assert_one_line_error(gdfo("--student", tmp_path / "nope"), "does not exist")
+    assert_one_line_error(gdfo("--temperature", "0"), "--temperature")
+    assert_one_line_error(gdfo("--student-lr", "-0.1"), "--student-lr")
+    assert_one_line_error(gdfo("--student", student_with_another_tokenizer(tmp_path)), "--student", "exactly one token")
     assert not (tmp_path / "o").exists()
 
 
