@@ -101,5 +101,6 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     out.mkdir()
     saved = to_dict(parse_args(IDPTConfig, ["--quick", "--local", "--output-dir", str(out)], presets={"quick": QUICK}))
     (out / "config.json").write_text(json.dumps(saved | {"lr": 0.5}))
-    result = run_job("--quick", "--local", "--output-dir", out, "--resume", check=False)
+    from tests.test_cli_errors import run_in_process  # main in this process, Ray guarded
+    result = run_in_process("jobs/idpt.py", ["--quick", "--local", "--output-dir", out, "--resume"])
     assert_one_line_error(result, "--resume", "different config", "lr")
