@@ -51,12 +51,23 @@ def test_score_in_process_matches_hugging_face(tmp_path, tiny_checkpoints, famil
         check_parity(score(tmp_path, directory, stages, ["--local", "--top-k", "3"]), model)
 
 
+# On Ray, one family per position scheme: GPT-2's learned positions (added once, on the first stage)
+# and Llama's rotary ones (in every block, with grouped keys and a tied head). Every family at every
+# split S = 1..4 is checked against Hugging Face in process above, through the same stage code; what
+# the actors add (arrays through the object store between stage processes, micro-batch i on replica
+# i mod R) depends on the shape, not on the family. So the shape with most to get wrong, 3 stages
+# (one in the middle, neither first nor last) x 2 replicas, runs once, on Llama, and GPT-2 crosses
+# one stage boundary on 2 x 1. Every actor is a process that imports torch (~10 s of CPU here):
+# 8 of them, where all five families at 3 x 2 were 30.
+RAY_SHAPES = [("gpt2", 2, 1), ("llama", 3, 2)]
+
+
 @pytest.mark.cluster
-@pytest.mark.parametrize("family", FAMILIES)
-def test_score_on_ray_matches_hugging_face(tmp_path, tiny_checkpoints, ray_cluster, family):
+@pytest.mark.parametrize("family,stages,replicas", RAY_SHAPES)
+def test_score_on_ray_matches_hugging_face(tmp_path, tiny_checkpoints, ray_cluster, family, stages, replicas):
     directory, model = tiny_checkpoints[family]
-    # S = 1..4 run in-process above with the same stage code; here the real actors, 3 stages x 2 replicas.
-    table = score(tmp_path, directory, 3, ["--top-k", "3", "--replicas", "2"])
+    # The real actors, opened by `raydapt score` itself from its flags.
+    table = score(tmp_path, directory, stages, ["--top-k", "3", "--replicas", str(replicas)])
     check_parity(table, model)
     top = np.stack(table.topk_logprobs.to_numpy())
     assert top.shape == (len(table), 3) and (np.diff(top, axis=1) <= 0).all()
@@ -85,35 +96,47 @@ def test_add_mode_matches_hugging_face_inputs_embeds(tiny_checkpoints):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("mode", ["add", "cat", "deep"])
-def test_prompted_scoring_through_pipeline_equals_in_process(tiny_checkpoints, ray_cluster, mode):
-    directory, _ = tiny_checkpoints["llama"]
-    ids, lengths = prompted_inputs()
-    shape = (6, 4, 3, 32) if mode == "deep" else (6, 3, 32)
-    prompts = RNG.normal(0, 0.5, shape).astype(np.float32)
-    expected = local_oracle(directory, micro_batch_size=4).label_logits(ids, lengths, [1, 2, 3], prompts, mode)
-    pool = RayPool(PoolSpec(str(directory), stages=2, replicas=2))
-    try:
+class TestOnePoolOfStageActors:
+    """One Ray pool, Llama in 4 stages x 2 replicas, serves every test in this class: none of them
+    injects a fault or changes a weight (black-box stages run under inference mode), so sharing the
+    8 actor processes proves what a pool per test did, with half the processes (a 2 x 2 pool per
+    prompt mode and a 4 x 1 pool for the sizes were 16), and more: deep prompts split over 4 stages,
+    sizes checked on both replicas. The pool is closed when the class ends, before any other test
+    opens one."""
+
+    @pytest.fixture(scope="class")
+    def pool(self, tiny_checkpoints, ray_cluster):
+        directory, _ = tiny_checkpoints["llama"]
+        # Half a logical CPU per stage: 8 stages fit the test cluster with room to spare (one torch
+        # thread each whatever the share, so the bits are those of cpus_per_stage = 1).
+        pool = RayPool(PoolSpec(str(directory), stages=4, replicas=2, cpus_per_stage=0.5))
+        yield pool
+        pool.shutdown()
+
+    @pytest.mark.parametrize("mode", ["add", "cat", "deep"])
+    def test_prompted_scoring_through_pipeline_equals_in_process(self, tiny_checkpoints, pool, mode):
+        # Deep prompts: each of the 4 stages takes its own block's prompt; 6 prompts x 5 rows in
+        # micro-batches of 4 go to both replicas.
+        directory, _ = tiny_checkpoints["llama"]
+        ids, lengths = prompted_inputs()
+        shape = (6, 4, 3, 32) if mode == "deep" else (6, 3, 32)
+        prompts = RNG.normal(0, 0.5, shape).astype(np.float32)
+        expected = local_oracle(directory, micro_batch_size=4).label_logits(ids, lengths, [1, 2, 3], prompts, mode)
         got = ShardedOracle(pool, micro_batch_size=4).label_logits(ids, lengths, [1, 2, 3], prompts, mode)
-    finally:
-        pool.shutdown()
-    assert got.shape == (6, 5, 3)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert got.shape == (6, 5, 3)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
 
-
-@pytest.mark.cluster
-def test_each_stage_actor_holds_a_quarter_of_the_blocks(tiny_checkpoints, ray_cluster):
-    directory, model = tiny_checkpoints["opt"]
-    total = sum(p.numel() for p in model.model.decoder.layers.parameters())
-    pool = RayPool(PoolSpec(str(directory), stages=4))
-    try:
-        stages = pool.describe()[0]
-    finally:
-        pool.shutdown()
-    assert [s["layers"] for s in stages] == [[0, 1], [1, 2], [2, 3], [3, 4]]
-    assert [s["block_params"] for s in stages] == [total // 4] * 4
-    assert len({s["pid"] for s in stages}) == 4  # four processes, none with the whole model
-    assert max(s["params"] for s in stages) < sum(p.numel() for p in model.parameters()) / 2
+    def test_each_stage_actor_holds_a_quarter_of_the_blocks(self, tiny_checkpoints, pool):
+        _, model = tiny_checkpoints["llama"]
+        total = sum(p.numel() for p in model.model.layers.parameters())
+        replicas = pool.describe()
+        assert len(replicas) == 2
+        for stages in replicas:
+            assert [s["layers"] for s in stages] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+            assert [s["block_params"] for s in stages] == [total // 4] * 4
+            assert max(s["params"] for s in stages) < sum(p.numel() for p in model.parameters()) / 2
+        # Eight processes, none with the whole model: no two stages, of one replica or of two, share one.
+        assert len({s["pid"] for stages in replicas for s in stages}) == 8
 
 
 def test_accounting_is_exact_and_budget_refuses(tiny_checkpoints):
