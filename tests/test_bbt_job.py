@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.entry_points import assert_one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "bbt.py")]
 # Smaller than --quick: these tests check mechanics, not quality.
@@ -98,19 +100,10 @@ def test_killed_and_resumed_with_every_neutral_field_changed_equals_uninterrupte
 
 
 def run_job_in_process(*args):
-    """jobs/bbt.py's main in this process, Ray guarded (tests/test_cli_errors.py's run_in_process):
+    """jobs/bbt.py's main in this process, Ray guarded (tests/entry_points.py's run_in_process):
     for bad input, which is refused before any model loads. test_cli_errors runs the script itself."""
-    from tests.test_cli_errors import run_in_process
+    from tests.entry_points import run_in_process
     return run_in_process("jobs/bbt.py", list(args))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -15,7 +15,7 @@ import pytest
 from raydapt.comblm.domains import build_splits, split_blocks
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
-from tests.test_cli_errors import assert_one_line_error, run_in_process
+from tests.entry_points import assert_one_line_error, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "comblm.py")]
@@ -150,17 +150,16 @@ def check_combined_model_scores_and_generates(run: Path, tmp_path: Path) -> None
     corpus = tmp_path / "target.jsonl"
     corpus.write_text("".join(json.dumps({"input_ids": row.tolist()}) + "\n" for row in test))
     scored = tmp_path / "scored.parquet"
-    cli = [sys.executable, "-m", "actors.cli"]
-    result = subprocess.run([*cli, "score", "--local", "--combine", str(run), "--combiner", "entropy_scalar",
-                             "--input", str(corpus), "--output", str(scored)], capture_output=True, text=True, timeout=300)
+    cli = ["-m", "actors.cli"]  # in this process, Ray guarded: both commands serve the models locally
+    result = run_in_process(cli, ["score", "--local", "--combine", run, "--combiner", "entropy_scalar",
+                                  "--input", corpus, "--output", scored])
     assert result.returncode == 0, result.stderr[-2000:]
     table = pq.read_table(scored).to_pydict()
     combined, large = np.array(table["combined_logprob"]), np.array(table["logprob"])
     assert len(combined) == test.size - len(test) and np.isfinite(combined).all()
     assert combined.mean() > large.mean()  # on target text the mix beats the large LM alone
-    generate = [*cli, "generate", "--run", str(run), "--prompt", "The with statement", "--max-new-tokens", "8",
-                "--seed", "1"]
-    first, second = (subprocess.run(generate, capture_output=True, text=True, timeout=300) for _ in range(2))
+    generate = ["generate", "--run", run, "--prompt", "The with statement", "--max-new-tokens", "8", "--seed", "1"]
+    first, second = (run_in_process(cli, generate) for _ in range(2))
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.startswith("The with statement") and len(first.stdout) > len("The with statement")
     assert first.stdout == second.stdout  # seeded sampling

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bbt_job import RESUME_CHANGES, SMALL, assert_one_line_error, check_resume_changes, kill_mid_run, metrics
+from tests.entry_points import assert_one_line_error
+from tests.test_bbt_job import RESUME_CHANGES, SMALL, check_resume_changes, kill_mid_run, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 GDFO = [sys.executable, str(ROOT / "jobs" / "gdfo.py")]
@@ -89,7 +90,7 @@ def student_with_another_tokenizer(tmp_path) -> Path:
 
 
 def test_bad_input(tmp_path):
-    from tests.test_cli_errors import run_in_process  # main in this process, Ray guarded
+    from tests.entry_points import run_in_process  # main in this process, Ray guarded
 
     def gdfo(*args):
         return run_in_process("jobs/gdfo.py", ["--quick", *args, "--output-dir", tmp_path / "o"])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_bbt_job import assert_one_line_error, check_resume_changes, kill_mid_run
+from tests.entry_points import assert_one_line_error
+from tests.test_bbt_job import check_resume_changes, kill_mid_run
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "idpt.py")]
@@ -101,6 +102,6 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     out.mkdir()
     saved = to_dict(parse_args(IDPTConfig, ["--quick", "--local", "--output-dir", str(out)], presets={"quick": QUICK}))
     (out / "config.json").write_text(json.dumps(saved | {"lr": 0.5}))
-    from tests.test_cli_errors import run_in_process  # main in this process, Ray guarded
+    from tests.entry_points import run_in_process  # main in this process, Ray guarded
     result = run_in_process("jobs/idpt.py", ["--quick", "--local", "--output-dir", out, "--resume"])
     assert_one_line_error(result, "--resume", "different config", "lr")

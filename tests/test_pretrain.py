@@ -85,7 +85,7 @@ def _assert_exits_2_with_one_line(result, message):
 @pytest.mark.parametrize("args, message", BAD_INPUTS)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     """Each bad input, in this process (tests/test_cli_errors.py's run_in_process)."""
-    from tests.test_cli_errors import run_in_process
+    from tests.entry_points import run_in_process
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
