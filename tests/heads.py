@@ -35,7 +35,7 @@ def stop_head(temp_dir: str) -> None:
     for proc in ours:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=10)
+    _, alive = psutil.wait_procs(ours, timeout=3)  # a test head need not shut down gracefully
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
