@@ -1,5 +1,5 @@
-"""CombLM: domains and splits, Ray Train fine-tuning that survives a killed worker, the quick job's
-findings, and bad input."""
+"""CombLM: domains and splits, a small job's findings, a job killed mid-phase and resumed (with a
+Ray Train worker killed) that equals the uninterrupted one, and bad input."""
 from __future__ import annotations
 
 import json
