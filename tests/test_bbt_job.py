@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.entry_points import assert_one_line_error
+from tests.entry_points import assert_one_line_error, run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(ROOT / "jobs" / "bbt.py")]
@@ -21,10 +21,9 @@ METRICS = ("api_calls", "generations", "best_train_loss", "dev_accuracy", "test_
            "manual_prompt_test_accuracy", "oracle_usage")
 
 
-def run_job(*args, check=True, timeout=600):
+def run_job(*args, timeout=600):
     result = subprocess.run([*JOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -102,7 +101,6 @@ def test_killed_and_resumed_with_every_neutral_field_changed_equals_uninterrupte
 def run_job_in_process(*args):
     """jobs/bbt.py's main in this process, Ray guarded (tests/entry_points.py's run_in_process):
     for bad input, which is refused before any model loads. test_cli_errors runs the script itself."""
-    from tests.entry_points import run_in_process
     return run_in_process("jobs/bbt.py", list(args))
 
 

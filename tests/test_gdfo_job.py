@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.entry_points import assert_one_line_error
+from tests.entry_points import assert_one_line_error, run_in_process
 from tests.test_bbt_job import RESUME_CHANGES, SMALL, check_resume_changes, kill_mid_run, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,10 +18,9 @@ GDFO = [sys.executable, str(ROOT / "jobs" / "gdfo.py")]
 SMALL_GDFO = [*SMALL, "--baseline", "none"]
 
 
-def run(cmd, *args, check=True):
+def run(cmd, *args):
     result = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -90,9 +89,7 @@ def student_with_another_tokenizer(tmp_path) -> Path:
 
 
 def test_bad_input(tmp_path):
-    from tests.entry_points import run_in_process  # main in this process, Ray guarded
-
-    def gdfo(*args):
+    def gdfo(*args):  # main in this process, Ray guarded
         return run_in_process("jobs/gdfo.py", ["--quick", *args, "--output-dir", tmp_path / "o"])
 
     assert_one_line_error(gdfo("--student", tmp_path / "nope"), "does not exist")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.entry_points import assert_one_line_error
+from tests.entry_points import assert_one_line_error, run_in_process
 from tests.test_bbt_job import check_resume_changes, kill_mid_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +22,10 @@ RESUME_CHANGES = ["--replicas", "2", "--stages", "2", "--cpus-per-stage", "2", "
                   "--fault-injection", "kill-stage:after-calls=3,stage=1"]
 
 
-def run_job(*args, check=True, timeout=600):
+def run_job(*args, timeout=600):
     import subprocess
     result = subprocess.run([*JOB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -102,6 +101,5 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     out.mkdir()
     saved = to_dict(parse_args(IDPTConfig, ["--quick", "--local", "--output-dir", str(out)], presets={"quick": QUICK}))
     (out / "config.json").write_text(json.dumps(saved | {"lr": 0.5}))
-    from tests.entry_points import run_in_process  # main in this process, Ray guarded
-    result = run_in_process("jobs/idpt.py", ["--quick", "--local", "--output-dir", out, "--resume"])
+    result = run_in_process("jobs/idpt.py", ["--quick", "--local", "--output-dir", out, "--resume"])  # Ray guarded
     assert_one_line_error(result, "--resume", "different config", "lr")
