@@ -24,8 +24,8 @@ import numpy as np
 from raydapt.defaults import assets_dir
 from raydapt.errors import UserError
 
-__all__ = ["select_tasks", "IGNORE", "KINDS", "SPLITS", "MultiTask", "EncodedMulti", "default_multitask_dir", "load_multitask",
-           "encode_multitask", "end_token_id", "exact_match"]
+__all__ = ["IGNORE", "KINDS", "SPLITS", "MultiTask", "EncodedMulti", "default_multitask_dir", "load_multitask",
+           "select_tasks", "encode_multitask", "end_token_id", "exact_match"]
 
 IGNORE = -100  # the label of a position no loss is taken at (Hugging Face's ignore_index)
 KINDS = ("classification", "generation")

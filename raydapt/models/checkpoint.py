@@ -16,8 +16,8 @@ from raydapt.errors import UserError
 from raydapt.models.families import SUPPORTED_MODEL_TYPES, Family, family_for
 from raydapt.oracle import ModelInfo
 
-__all__ = ["read_config", "model_info", "load_tokenizer", "tensor_index", "load_tensors", "HF_FILES", "save_optimizer_state",
-           "load_optimizer_state", "optimizer_arrays", "optimizer_state"]
+__all__ = ["read_config", "model_info", "load_tokenizer", "tensor_index", "load_tensors", "HF_FILES",
+           "save_optimizer_state", "load_optimizer_state", "optimizer_arrays", "optimizer_state"]
 
 # The files of a Hugging Face checkpoint directory that raydapt copies (weights, config, tokenizer).
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
