@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 from collections import defaultdict
@@ -245,14 +246,191 @@ def _recursive_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
-def render(results: list[dict]) -> str:
+EXTEND_BASELINES = ("extend-full", "extend-full-lr5e-4", "extend-lora", "extend-adapter", "extend-neutral-no-l1",
+                    "extend-neutral-sigmoid", "extend-neutral-he")
+BACKBONE = "backbone (frozen, no extension)"
+
+
+def _extend_point(r: dict) -> tuple[float, float]:
+    """(forgetting axis, learning axis): original-domain eval loss and new-language test loss, nats/token."""
+    return r["original_loss"], r["new_loss"]
+
+
+def _backbone_point(r: dict) -> tuple[float, float]:
+    return r["backbone_losses"]["original_eval"], r["backbone_losses"]["new_test"]
+
+
+def extend_pareto(rows: dict[str, list[dict]], name: str = "extend-neutral") -> dict:
+    """Whether run `name` is on the learning-vs-forgetting Pareto front (both losses lower is better).
+
+    The points are every extend run and the frozen backbone. Per seed s: the runs of seed s and the
+    backbone scored on seed s's evaluation blocks; `name` is on the front when no point has both losses
+    <= its own and one < (`raydapt.extend.sweep.pareto_front`). On means: the same on each run's mean
+    point over its seeds. Returns {"seeds": {s: (on_front, [dominating runs])}, "means": (on_front,
+    [dominating runs]), "front": [runs on the front of the means]}.
+    """
+    from raydapt.extend.sweep import pareto_front
+
+    def check(points: dict[str, tuple[float, float]]):
+        names = list(points)
+        front = [names[i] for i in pareto_front([points[n] for n in names])]
+        x, y = points[name]
+        dominators = [n for n, (u, v) in points.items() if n != name and u <= x and v <= y and (u < x or v < y)]
+        return name in front, dominators, front
+
+    per_seed = {}
+    for seed in sorted({r["seed"] for r in rows.get(name, [])}):
+        points = {n: _extend_point(r) for n, rs in rows.items() for r in rs if r["seed"] == seed}
+        points[BACKBONE] = _backbone_point(next(r for r in rows[name] if r["seed"] == seed))
+        per_seed[seed] = check(points)[:2]
+    means = {n: tuple(statistics.mean(axis) for axis in zip(*map(_extend_point, rs))) for n, rs in rows.items()}
+    means[BACKBONE] = tuple(statistics.mean(axis) for axis in zip(*map(_backbone_point, rows[name])))
+    on, dominators, front = check(means)
+    return {"seeds": per_seed, "means": (on, dominators), "front": front}
+
+
+def _extend_backbone(rows: dict[str, list[dict]]) -> dict[int, dict]:
+    """The frozen backbone's losses per seed (each run scores it on its seed's evaluation blocks)."""
+    return {r["seed"]: r["backbone_losses"] for rs in rows.values() for r in rs}
+
+
+def _extend_table(rows: dict[str, list[dict]]) -> list[str]:
+    base = _extend_backbone(rows)
+    loss = lambda values: _mean_std(values, scale=1.0, digits=3)  # noqa: E731
+    lines = ["| run | method | lr | seeds | trainable parameters | new-language loss | original-domain loss | "
+             "forgetting (− backbone, paired) | gate: original eval | gate: original mix | gate: new language |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| {BACKBONE} | – | – | {', '.join(map(str, sorted(base)))} | 0 | "
+             f"{loss([b['new_test'] for b in base.values()])} | {loss([b['original_eval'] for b in base.values()])} "
+             "| – | – | – | – |"]
+    for name in sorted(rows, key=lambda n: (n != "extend-neutral", n)):
+        rs = sorted(rows[name], key=lambda r: r["seed"])
+        gates = {k: [r["gate_mean"][k] for r in rs if r["gate_mean"].get(k) is not None]
+                 for k in ("original", "original_mix", "new")}
+        lrs = "/".join(f"{lr:g}" for lr in sorted({r["lr"] for r in rs}))
+        lines.append(f"| {name} | {rs[0]['method']} | {lrs} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{rs[0]['trainable_parameters']:,} | {loss([r['new_loss'] for r in rs])} | "
+                     f"{loss([r['original_loss'] for r in rs])} | "
+                     f"{loss([r['original_loss'] - base[r['seed']]['original_eval'] for r in rs])} | "
+                     + " | ".join(loss(gates[k]) if gates[k] else "–" for k in ("original", "original_mix", "new"))
+                     + " |")
+    return lines
+
+
+def _verdict(diffs: list[float], p: float, lower: str, higher: str) -> str:
+    """A paired difference named only when scipy's t-test puts it outside the noise (p < 0.05)."""
+    if p != p:
+        return "not tested (one seed or no spread)"
+    if p >= 0.05:
+        return "no difference beyond the noise"
+    return lower if statistics.mean(diffs) < 0 else higher
+
+
+def _extend_pairs(rows: dict[str, list[dict]]) -> list[str]:
+    """Neutral residues minus each other run, paired by seed, on both axes (scipy's paired t-test)."""
+    from scipy import stats
+
+    ours = {r["seed"]: r for r in rows.get("extend-neutral", [])}
+    lines = ["| neutral residues − run | new-language loss (paired) | p | learning | original-domain loss (paired) "
+             "| p | forgetting |", "|---|---|---|---|---|---|---|"]
+    for name in [*EXTEND_BASELINES, *sorted(set(rows) - set(EXTEND_BASELINES) - {"extend-neutral"})]:
+        pairs = [(ours[r["seed"]], r) for r in rows.get(name, []) if r["seed"] in ours]
+        if not pairs:
+            continue
+        cells = []
+        for key, lower, higher in (("new_loss", "neutral learns more", "neutral learns less"),
+                                   ("original_loss", "neutral forgets less", "neutral forgets more")):
+            diffs = [a[key] - b[key] for a, b in pairs]
+            p = stats.ttest_rel([a[key] for a, _ in pairs], [b[key] for _, b in pairs]).pvalue \
+                if len(pairs) >= 2 else float("nan")
+            cells += [_mean_std(diffs, scale=1.0, digits=3), _p_value(p), _verdict(diffs, p, lower, higher)]
+        lines.append(f"| {name} ({len(pairs)} seeds) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot_extend(path: Path, preset: str, rows: dict[str, list[dict]], front: list[str]) -> None:
+    """Learning vs forgetting: each run's mean point with its seeds' std as error bars, the backbone,
+    and the Pareto front of the means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = {BACKBONE: list(map(_backbone_point, next(iter(rows.values()))))}
+    points.update({n: list(map(_extend_point, rs)) for n, rs in sorted(rows.items())})
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    means = {}
+    for i, (name, pts) in enumerate(points.items()):
+        xs, ys = zip(*pts)
+        means[name] = (statistics.mean(xs), statistics.mean(ys))
+        err = (statistics.stdev(xs), statistics.stdev(ys)) if len(pts) > 1 else (0.0, 0.0)
+        style = {"marker": "*", "markersize": 14} if name == "extend-neutral" else {
+            "marker": "s" if name == BACKBONE else "o", "markersize": 7}
+        ax.errorbar(*means[name], xerr=err[0], yerr=err[1], capsize=3, linestyle="none", color=f"C{i}",
+                    label=name.removeprefix("extend-"), **style)
+    fx, fy = zip(*sorted(means[n] for n in front))
+    ax.plot(fx, fy, "k--", lw=0.8, label="Pareto front (means)")
+    ax.set_xlabel("original-domain loss (forgetting axis, nats/token; lower is better)")
+    ax.set_ylabel("new-language loss (learning axis, nats/token; lower is better)")
+    seeds = sorted({r["seed"] for rs in rows.values() for r in rs})
+    ax.set_title(f"Neutral residues and baselines, `{preset}` preset, seeds {', '.join(map(str, seeds))} (mean ± std)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _extend_section(preset: str, rows: dict[str, list[dict]], report_dir: Path | None) -> list[str]:
+    """Neutral residues (Signe Talla, Grave, Jegou, ICML 2025) against its ablations and baselines on
+    both axes, the Pareto check, the gate per domain, and the trade-off plot (written beside the runs)."""
+    if not rows:
+        return []
+    any_run = next(iter(rows.values()))[0]
+    cfg = any_run["config"]
+    lines = [f"## Neutral residues: a new language in the frozen LM, `{preset}` preset", "",
+             f"Learning: next-token loss (nats/token) on the new language's test blocks (French gettext messages). "
+             "Forgetting: loss on original-domain text never mixed into training (the source of installed "
+             f"third-party packages). {cfg['steps']} AdamW steps of {cfg['batch']} blocks of {cfg['context']} tokens, "
+             f"{cfg['original_fraction']:g} of them original-domain; {cfg['workers']} Ray Train workers; "
+             f"{cfg['eval_blocks']} blocks per evaluation set. Mean ± std over seeds; forgetting is each run's "
+             "original-domain loss minus the backbone's on the same seed's blocks. The gate columns are the mean "
+             "block gate g(x) over tokens of each set (ReLU gates are unbounded; the sigmoid gate is in (0, 1)).", ""]
+    lines += _extend_table(rows)
+    if "extend-neutral" not in rows:
+        return lines + [""]
+    pareto = extend_pareto(rows)
+    on_seeds = [s for s, (on, _) in pareto["seeds"].items() if on]
+    beaten = {s: d for s, (on, d) in pareto["seeds"].items() if not on}
+    on_means, dominators = pareto["means"]
+    lines += ["", "Neutral residues minus each run, paired by seed (scipy's paired t-test; a difference with p >= 0.05 "
+              "is called noise, whatever its sign):", "", *_extend_pairs(rows), "",
+              "Pareto front (both losses lower is better; a point is on it when no other point has both losses <= "
+              "its own and one <), over every run and the backbone:",
+              f"- per seed: neutral residues is on the front in {len(on_seeds)}/{len(pareto['seeds'])} seeds"
+              + (" (dominated on " + "; ".join(f"seed {s} by {', '.join(d)}" for s, d in beaten.items()) + ")"
+                 if beaten else "") + ";",
+              "- on the means over seeds: "
+              + ("on the front" if on_means else "not on the front, dominated by " + ", ".join(dominators)) + "; "
+              f"the front of the means, by forgetting: {', '.join(pareto['front'])}."]
+    if report_dir is not None:
+        plot = any_run["_log"].parent.parent / "extend-tradeoff.png"
+        _plot_extend(plot, preset, rows, pareto["front"])
+        lines += ["", f"![learning vs forgetting]({os.path.relpath(plot, report_dir)})"]
+    return lines + [""]
+
+
+def render(results: list[dict], report_dir: Path | None = None) -> str:
+    """RESULTS.md's text. With `report_dir` (where RESULTS.md goes), the plots it links are written beside
+    the runs and linked relative to it; without, no plot is written or linked."""
     presets: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     comblm: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     idpt: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     recursive: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    extend: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         group = (comblm if r.get("method") == "comblm" else idpt if r["_name"].startswith("idpt")
-                 else recursive if r["_name"].startswith("recursive") else presets)
+                 else recursive if r["_name"].startswith("recursive") else extend if r["_name"].startswith("extend")
+                 else presets)
         group[r["_preset"]][r["_name"]].append(r)
     lines = ["# Results", "", "Generated by `python -m raydapt.results` (run by `python jobs/suite.py`) from the "
              "`result.json` files under `results/`; do not edit by hand. Accuracies in %, mean ± std over seeds.", ""]
@@ -277,6 +455,8 @@ def render(results: list[dict]) -> str:
         lines += _idpt_section(preset, rows)
     for preset, rows in sorted(recursive.items()):
         lines += _recursive_section(preset, rows)
+    for preset, rows in sorted(extend.items()):
+        lines += _extend_section(preset, rows, report_dir)
     return "\n".join(lines) + "\n"
 
 
@@ -288,7 +468,9 @@ AUTOSCALING = ("<!-- autoscaling:begin -->", "<!-- autoscaling:end -->")
 def readme_block(results: list[dict]) -> str:
     """The headline numbers for the README: manual vs. tuned prompts on the default task."""
     rows = defaultdict(list)
-    results = [r for r in results if r.get("method") != "comblm" and not r["_name"].startswith(("idpt", "recursive"))]
+    extend = [r for r in results if r["_name"].startswith("extend")]
+    results = [r for r in results
+               if r.get("method") != "comblm" and not r["_name"].startswith(("idpt", "recursive", "extend"))]
     for r in results:
         rows[(r["_preset"], r["_name"])].append(r)
     lines = []
@@ -305,7 +487,29 @@ def readme_block(results: list[dict]) -> str:
             if name in picked:
                 lines.append(f"- {label}: {_mean_std([r['test_accuracy'] for r in picked[name]])}")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _extend_headline(extend))
+
+
+def _extend_headline(results: list[dict]) -> list[str]:
+    """Neutral residues' two losses against the backbone's, and its place on the Pareto front of the means."""
+    lines = []
+    for preset in sorted({r["_preset"] for r in results}):
+        rows = defaultdict(list)
+        for r in results:
+            if r["_preset"] == preset:
+                rows[r["_name"]].append(r)
+        ours = rows.get("extend-neutral")
+        if not ours:
+            continue
+        on_front, dominators = extend_pareto(rows)["means"]
+        loss = lambda values: _mean_std(values, scale=1.0, digits=3)  # noqa: E731
+        lines += [f"Neutral residues, `{preset}` preset (nats/token, mean ± std over {len(ours)} seeds): new-language "
+                  f"loss {loss([r['new_loss'] for r in ours])} (backbone "
+                  f"{loss([r['backbone_losses']['new_test'] for r in ours])}), original-domain loss "
+                  f"{loss([r['original_loss'] for r in ours])} (backbone "
+                  f"{loss([r['backbone_losses']['original_eval'] for r in ours])}); on the Pareto front of the "
+                  "methods' means: " + ("yes" if on_front else "no, dominated by " + ", ".join(dominators)) + ".", ""]
+    return lines
 
 
 def _ms(seconds: float) -> str:
@@ -463,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     results = collect(args.runs)
     if not results:
         raise SystemExit(f"error: no result.json under {args.runs}")
-    args.output.write_text(render(results))
+    args.output.write_text(render(results, args.output.parent))
     readme = args.output.with_name("README.md")
     update_readme(readme, readme_block(results))
     update_readme(readme, performance_block(args.bench), PERFORMANCE)

@@ -175,3 +175,61 @@ def test_oracle_table_from_known_figures(tmp_path):
     del figures["scaling"]  # --only limit: no scaling table
     (tmp_path / "oracle.json").write_text(json.dumps(figures))
     assert "/ default |" not in performance_block(tmp_path)
+
+
+def extend_run(method, lr, original, new, gate=None):
+    return {"method": method, "lr": lr, "original_loss": original, "new_loss": new, "trainable_parameters": 100,
+            "backbone_losses": {"original_eval": 4.0, "new_test": 7.0},
+            "gate_mean": {"original": gate and gate[0], "original_mix": gate and gate[0], "new": gate and gate[1]},
+            "config": {"steps": 40, "batch": 8, "context": 64, "original_fraction": 0.1, "workers": 2,
+                       "eval_blocks": 16}}
+
+
+def test_extend_section_pareto_and_pairs(tmp_path):
+    runs = tmp_path / "results"
+    # (original-domain loss, new-language loss) per seed; the backbone is (4.0, 7.0) on both seeds.
+    # Seed 1: neutral (4.2, 5.5) dominates adapter (4.3, 5.6). Seed 2: adapter (4.35, 5.65) dominates
+    # neutral (4.4, 5.7). Means: neutral (4.3, 5.6) dominates adapter (4.325, 5.625); full (5.05, 4.65) trades.
+    for seed, neutral, adapter, full in ((1, (4.2, 5.5), (4.3, 5.6), (4.9, 4.5)),
+                                         (2, (4.4, 5.7), (4.35, 5.65), (5.2, 4.8))):
+        write_run(runs, "quick", "extend-neutral", seed, extend_run("neutral", 0.002, *neutral, gate=(0.1, 0.5)))
+        write_run(runs, "quick", "extend-adapter", seed, extend_run("adapter", 0.002, *adapter))
+        write_run(runs, "quick", "extend-full", seed, extend_run("full", 0.0005, *full))
+    text = render(collect(runs), tmp_path)
+    assert "| backbone (frozen, no extension) | – | – | 1, 2 | 0 | 7.000 ± 0.000 | 4.000 ± 0.000 | – |" in text
+    assert ("| extend-neutral | neutral | 0.002 | 1, 2 | 100 | 5.600 ± 0.141 | 4.300 ± 0.141 | 0.300 ± 0.141 "
+            "| 0.100 ± 0.000 | 0.100 ± 0.000 | 0.500 ± 0.000 |") in text
+    assert ("| extend-full | full | 0.0005 | 1, 2 | 100 | 4.650 ± 0.212 | 5.050 ± 0.212 | 1.050 ± 0.212 "
+            "| – | – | – |") in text
+    # neutral − full: new 1.0 and 0.9 (t = 19, 1 df: p = 0.033), original -0.7 and -0.8 (t = -15: p = 0.042)
+    assert ("| extend-full (2 seeds) | 0.950 ± 0.071 | 0.033 | neutral learns less | -0.750 ± 0.071 | 0.042 | "
+            "neutral forgets less |") in text
+    assert ("| extend-adapter (2 seeds) | -0.025 ± 0.106 | 0.795 | no difference beyond the noise | -0.025 ± 0.106 "
+            "| 0.795 | no difference beyond the noise |") in text
+    assert "on the front in 1/2 seeds (dominated on seed 2 by extend-adapter);" in text
+    assert ("on the means over seeds: on the front; the front of the means, by forgetting: backbone (frozen, no "
+            "extension), extend-neutral, extend-full.") in text
+    assert "![learning vs forgetting](results/quick/extend-tradeoff.png)" in text
+    assert (runs / "quick" / "extend-tradeoff.png").stat().st_size > 0
+    block = readme_block(collect(runs))
+    assert "new-language loss 5.600 ± 0.141 (backbone 7.000 ± 0.000)" in block
+    assert block.endswith("on the Pareto front of the methods' means: yes.\n")
+
+
+def test_extend_pareto_names_who_dominates(tmp_path):
+    from collections import defaultdict
+
+    from raydapt.results import extend_pareto
+    runs = tmp_path / "results"
+    write_run(runs, "quick", "extend-neutral", 1, extend_run("neutral", 0.002, 4.5, 6.0))
+    write_run(runs, "quick", "extend-lora", 1, extend_run("lora", 0.002, 4.4, 5.9))
+    write_run(runs, "quick", "extend-adapter", 1, extend_run("adapter", 0.002, 4.5, 6.0))  # a tie dominates nothing
+    rows = defaultdict(list)
+    for r in collect(runs):
+        rows[r["_name"]].append(r)
+    pareto = extend_pareto(rows)
+    assert pareto["seeds"] == {1: (False, ["extend-lora"])}
+    assert pareto["means"] == (False, ["extend-lora"])
+    assert pareto["front"] == ["backbone (frozen, no extension)", "extend-lora"]
+    assert "| extend-lora (1 seeds) | 0.100 | – | not tested (one seed or no spread) |" in render(collect(runs))
+
