@@ -233,3 +233,24 @@ def test_extend_pareto_names_who_dominates(tmp_path):
     assert pareto["front"] == ["backbone (frozen, no extension)", "extend-lora"]
     assert "| extend-lora (1 seeds) | 0.100 | – | not tested (one seed or no spread) |" in render(collect(runs))
 
+
+def test_suite_extend_runs_cover_every_method_and_parse():
+    """Every extension method has a suite run (the trade-off table's rows), and each run's flags parse
+    with the quick preset, never with --local (extend always trains on Ray Train)."""
+    import importlib.util
+    from pathlib import Path
+
+    from raydapt.adapters.config import METHODS
+    from raydapt.config import parse_args
+    from raydapt.extend.config import QUICK, ExtendConfig
+
+    spec = importlib.util.spec_from_file_location("suite_under_test", Path(__file__).parents[1] / "jobs" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    extend = {name: flags for name, (job, flags) in suite.RUNS.items() if job == "extend"}
+    assert "extend" in suite.NEEDS_RAY
+    methods = {parse_args(ExtendConfig, ["--quick", "--seed", "1", *flags], presets={"quick": QUICK}).method
+               for flags in extend.values()}
+    assert methods == set(METHODS)
+    assert all(flags == ["--method", name.removeprefix("extend-")]
+               for name, flags in extend.items() if "--lr" not in flags)
