@@ -29,7 +29,20 @@ from raydapt.outputs import (announce_output, has_checkpoint, read_json, read_js
 from raydapt.search.optimizers import make_optimizer
 from raydapt.serving import FaultInjection, PoolSpec, Runtime, pin_coordinator_threads
 
-__all__ = ["prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
+__all__ = ["check_resume_config", "prepare_output_dir", "build_space", "run_search_job", "plot_curves"]
+
+
+def check_resume_config(cfg, neutral=RESULT_NEUTRAL_FIELDS) -> None:
+    """--resume onto a run of another config is refused from its config.json alone: a job may call this
+    before it reads its data, and writes nothing."""
+    out = Path(cfg.output_dir)
+    if not (cfg.resume and (out / "config.json").exists()):
+        return
+    saved, now = read_json(out / "config.json"), to_dict(cfg)
+    differs = sorted(k for k in now if k not in neutral and saved.get(k) != now[k])
+    if differs:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
+        raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
 
 
 def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") -> tuple[Path, bool]:
@@ -41,11 +54,7 @@ def prepare_output_dir(cfg, neutral=RESULT_NEUTRAL_FIELDS, marker="checkpoint") 
     out = Path(cfg.output_dir)
     has_run = (out / "config.json").exists()
     if cfg.resume and has_run:
-        saved, now = read_json(out / "config.json"), to_dict(cfg)
-        differs = sorted(k for k in now if k not in neutral and saved.get(k) != now[k])
-        if differs:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differs[:4])
-            raise UserError(f"--resume: {out} holds a run of a different config ({detail})")
+        check_resume_config(cfg, neutral)
         resuming = has_checkpoint(out / marker)  # refuses an unsigned checkpoint: before any line
         announce_output(out)
         return out, resuming

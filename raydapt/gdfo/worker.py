@@ -37,9 +37,8 @@ class StudentWorker:
         space = PromptSpace(intrinsic_dim, prompt_length, model.config.hidden_size, std, settings.seed,
                             distribution=projection, alpha=alpha, sigma=sigma)
         self.student = Student(model, space, label_ids, settings)
-        ids, lengths, labels = train
-        self.ids, self.lengths = torch.from_numpy(ids), torch.from_numpy(lengths)
-        self.labels = torch.from_numpy(labels)
+        # Copies: Ray hands the actor read-only views of its object store, which torch warns about.
+        self.ids, self.lengths, self.labels = (torch.tensor(a) for a in train)
         self.sigma = sigma
 
     def generation(self, predict: np.ndarray, learn: tuple | None, start: np.ndarray | None) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raydapt.bbt.job import prepare_output_dir
+from raydapt.bbt.job import check_resume_config, prepare_output_dir
 from raydapt.config import to_dict
 from raydapt.data.multitask import (IGNORE, SPLITS, EncodedMulti, encode_multitask, end_token_id, load_multitask,
                                     select_tasks)
@@ -68,7 +68,8 @@ def run_recursive_job(cfg, runtime: Runtime) -> dict:
     started = time.perf_counter()
     pin_coordinator_threads()
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")))
-    # Every input check before a worker starts.
+    # Every input check before a worker starts; the cheap one first.
+    check_resume_config(cfg, RESULT_NEUTRAL_FIELDS)
     tokenizer = load_tokenizer(cfg.model)
     multi = _select_task(load_multitask(cfg.tasks_dir or None), cfg.task)
     info = model_info(cfg.model)
