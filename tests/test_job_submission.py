@@ -90,5 +90,6 @@ def test_submit_gdfo_with_token_auth(head, tmp_path):
     for method, r in results.items():
         series = [v for k, v in used.items() if f'method="{method}"' in k and f'run="gdfo/{method}"' in k]
         logged = [row["api_calls"] for row in map(json.loads, (out / method / "log.jsonl").read_text().splitlines())]
-        # A value this run logged (the last one set is not always scraped: see the closing note).
-        assert len(series) == 1 and series[0] in logged and series[0] >= logged[len(logged) // 2], (method, used)
+        # A value this run logged, past its first: the series moved while the run ran. Not its last: the
+        # head exports metrics every few seconds, and on a loaded machine the last scrape lags behind.
+        assert len(series) == 1 and series[0] in logged and series[0] > min(logged), (method, used)
