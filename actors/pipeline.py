@@ -31,7 +31,7 @@ class LocalPool:
         # Each replica owns its stages, as on Ray: a replica-invariance test then compares real copies.
         self.replicas = [[StageWorker(spec.model_dir, spec.stages, s, spec.dtype, "cpu", spec.threads,
                                       simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0,
-                                      graybox=spec.graybox)
+                                      graybox=spec.graybox, adapters=spec.adapters)
                           for s in range(spec.stages)] for _ in range(spec.replicas)]
 
     def put(self, value: Any) -> Any:
@@ -108,7 +108,8 @@ class RayPool:
                     max_task_retries=self.MAX_TASK_RETRIES,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
                 ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r,
-                         simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0, graybox=spec.graybox)
+                         simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0, graybox=spec.graybox,
+                         adapters=str(Path(spec.adapters).resolve()) if spec.adapters else "")
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])

@@ -16,6 +16,7 @@ import torch
 
 from raydapt.bbt.space import clipped_std
 from raydapt.graybox import stage_graph, stage_vjp
+from raydapt.models.checkpoint import read_config
 from raydapt.models.heads import token_stats
 from raydapt.models.prefix import run_blocks_shared
 from raydapt.models.shard import DTYPES, load_shard
@@ -34,7 +35,7 @@ def _node_id() -> str | None:
 class StageWorker:
     def __init__(self, model_dir: str, n_stages: int, stage: int, dtype: str = "float32",
                  device: str = "cpu", threads: int | None = None, replica: int | None = None,
-                 simulated_latency_s: float = 0.0, graybox: bool = False):
+                 simulated_latency_s: float = 0.0, graybox: bool = False, adapters: str = ""):
         if threads:
             # Same thread count for every stage whatever S and R are: results stay bitwise equal.
             torch.set_num_threads(threads)
@@ -43,6 +44,10 @@ class StageWorker:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.shard = load_shard(model_dir, n_stages, stage, dtype=dtype, device=device)
+        if adapters:  # an extended model: this stage's blocks get their trained adapters (frozen)
+            from raydapt.adapters.serve import attach_to_shard
+            config = read_config(model_dir)[0]
+            attach_to_shard(self.shard, adapters, config.model_type, config.hidden_size)
         self.stage = stage
         # A black-box oracle's stages answer forward calls only; gray-box calls need a pool opened
         # for them (PoolSpec.graybox), so a black-box method cannot reach gradients by mistake.

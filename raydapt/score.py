@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raydapt.adapters.serve import check_adapters
 from raydapt.comblm.use import CombinedLM
 from raydapt.config import check, field
 from raydapt.defaults import default_model_dir
@@ -45,6 +46,10 @@ class ScoreConfig:
     combine: str = field("", "a finished jobs/comblm.py run directory: also write `combined_logprob`, the "
                              "log-prob under the large LM mixed with that run's expert")
     combiner: str = field("entropy_scalar", "with --combine: which fitted combiner mixes the two models")
+    adapters: str = field("", "score the model extended by a jobs/extend.py run: its directory or its "
+                              "adapters.safetensors (gated or vanilla adapters; LoRA and full fine-tuning: "
+                              "export a merged checkpoint and give it as --model); --model defaults to the "
+                              "backbone it records")
 
     def __post_init__(self):
         check(bool(self.input), "input", "is required")
@@ -126,10 +131,12 @@ def scores_table(scores: TokenScores, input_ids: np.ndarray, first_doc: int,
 
 def run_score(cfg: ScoreConfig, runtime: Runtime) -> dict:
     """Score `cfg.input` through a pool `runtime` opens; write the parquet atomically; a summary."""
-    model_dir = Path(cfg.model) if cfg.model else default_model_dir("large")
     output = Path(cfg.output)
     check_parquet_output(output)
-    spec = PoolSpec(str(model_dir), cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage, cfg.dtype)
+    served = check_adapters(cfg.adapters, cfg.model or None) if cfg.adapters else None
+    model_dir = Path(cfg.model or (served.base if served else default_model_dir("large")))
+    spec = PoolSpec(str(model_dir), cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage, cfg.dtype,
+                    adapters=served.path if served else "")
     spec.validate()
     info = model_info(model_dir)
     docs = read_corpus(Path(cfg.input), model_dir, info.max_positions, info.vocab_size)
@@ -159,4 +166,7 @@ def run_score(cfg: ScoreConfig, runtime: Runtime) -> dict:
         if tmp.exists():
             tmp.unlink()
         runtime.close_pool(pool)
-    return {"docs": len(docs), "positions": int(sum(len(d) - 1 for d in docs)), "usage": oracle.usage.as_dict()}
+    summary = {"docs": len(docs), "positions": int(sum(len(d) - 1 for d in docs)), "usage": oracle.usage.as_dict()}
+    if served:
+        summary["adapters"] = {"path": served.path, "method": served.config.method, "model": str(model_dir)}
+    return summary
