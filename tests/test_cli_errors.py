@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_score_adapters import bad_adapter_inputs
 from tests.entry_points import (NO_RAY, RayStartedError, _MODULES, assert_one_line_error, run_entry_point,
                                  run_in_process)
 
@@ -157,6 +158,24 @@ ROWS = [
     (SCORE, "--model {llama} --stages 5 --input {corpus} --output {out}", ["--stages 5", "4 layers"]),
     (SCORE, "--model {llama} --input {corpus} --output {blocker}/o.parquet", ["--output", "does not exist"]),
     (SCORE, "--input {corpus} --output {out} --top-k -1", ["--top-k"]),
+    # `raydapt score --adapters` (issue 14): adapter files that do not extend --model, refused before a stage starts.
+    (SCORE, "--model {llama} --adapters {adapters_gpt2} --input {corpus} --output {out}",
+     ["--adapters", "was trained on another backbone", "\"model_type\": \"gpt2\"", "\"model_type\": \"llama\""]),
+    (SCORE, "--model {llama} --adapters {adapters_qwen2_unrecorded} --input {corpus} --output {out}",
+     ["--adapters", "does not fit the backbone", "in the file and (", "in the model"]),
+    (SCORE, "--model {llama} --adapters {missing} --input {corpus} --output {out}", ["--adapters", "does not exist"]),
+    (SCORE, "--model {llama} --adapters {adapters_empty_run} --input {corpus} --output {out}",
+     ["--adapters", "holds no adapters.safetensors"]),
+    (SCORE, "--model {llama} --adapters {adapters_garbage} --input {corpus} --output {out}",
+     ["--adapters", "not a readable safetensors file"]),
+    (SCORE, "--model {llama} --adapters {adapters_truncated} --input {corpus} --output {out}",
+     ["--adapters", "not a readable safetensors file"]),
+    (SCORE, "--model {llama} --adapters {adapters_headerless} --input {corpus} --output {out}",
+     ["--adapters", "carries no adapter config", "not written by jobs/extend.py"]),
+    (SCORE, "--model {llama} --adapters {adapters_lora} --input {corpus} --output {out}",
+     ["--adapters", "holds lora", "python -m raydapt.extend.export", "--model OUT_DIR"]),
+    (SCORE, "--adapters {adapters_moved} --input {corpus} --output {out}",
+     ["--adapters", "moved-backbone) is not here; give it with --model"]),
 ]
 
 
@@ -212,6 +231,7 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "blocker": blocker,
         "other_tokenizer": _other_tokenizer(tmp),
         "recursive_run": _recursive_run(tmp),
+        **bad_adapter_inputs(tmp, tiny_checkpoints),
     }
 
 
