@@ -1,17 +1,14 @@
 """--resume never unpickles a checkpoint this installation did not sign; the log matches the checkpoint."""
 from __future__ import annotations
 
-import json
 import pathlib
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--quick", "--seed", "7", "--budget", "120", "--dev-every", "40", "--local"]
+from tests.entry_points import run_in_process
+from tests.test_bbt_job import SMALL
 
 
 class _Touch:
@@ -22,21 +19,14 @@ class _Touch:
         return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
-def _job(home, out, *extra):
-    env = {**__import__("os").environ, "RAYDAPT_HOME": str(home)}
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "bbt.py"), *ARGS, "--output-dir", str(out), *extra],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+def _job(out, *extra):
+    """jobs/bbt.py on the session's reference config (bbt_small_run's), in this process: it serves the
+    model locally, and the Ray guard would fail the test if a resume reached Ray."""
+    return run_in_process("jobs/bbt.py", [*SMALL, "--local", "--output-dir", str(out), *extra])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    home, out = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ref") / "run"
-    assert _job(home, out).returncode == 0
-    return home, out
-
-
-def test_crafted_pickle_is_refused_and_never_runs(reference, tmp_path):
-    home, ref = reference
+def test_crafted_pickle_is_refused_and_never_runs(bbt_small_run, tmp_path):
+    ref = bbt_small_run
     probe = tmp_path / "probe"
     pickle.loads(pickle.dumps(_Touch(probe)))
     assert probe.exists()  # the payload does run when unpickled
@@ -44,20 +34,19 @@ def test_crafted_pickle_is_refused_and_never_runs(reference, tmp_path):
     run.mkdir()
     (run / "config.json").write_bytes((ref / "config.json").read_bytes())
     (run / "checkpoint.pkl").write_bytes(pickle.dumps(_Touch(marker)))
-    result = _job(home, run, "--resume")
+    result = _job(run, "--resume")
     assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr[-2000:]
     assert "was not written by this raydapt installation" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not marker.exists()
 
 
-def test_flipped_byte_is_refused(reference, tmp_path, monkeypatch):
+def test_flipped_byte_is_refused(bbt_small_run, tmp_path):
     import shutil
 
     from raydapt.errors import UserError
     from raydapt.outputs import load_checkpoint
 
-    home, ref = reference
-    monkeypatch.setenv("RAYDAPT_HOME", str(home))
+    ref = bbt_small_run
     load_checkpoint(ref / "checkpoint")  # genuine: loads
     shutil.copytree(ref / "checkpoint", tmp_path / "checkpoint")
     state = next((tmp_path / "checkpoint").glob("state-*.safetensors"))
@@ -68,17 +57,18 @@ def test_flipped_byte_is_refused(reference, tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "checkpoint")
 
 
-def test_resume_after_first_row_with_torn_line_equals_uninterrupted(reference, tmp_path):
+def test_resume_after_first_row_with_torn_line_equals_uninterrupted(bbt_small_run, tmp_path):
     from raydapt.outputs import read_jsonl
 
-    home, ref = reference
+    ref = bbt_small_run
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_bytes((ref / "config.json").read_bytes())
     first = (ref / "log.jsonl").read_text().splitlines()[0]
     (run / "log.jsonl").write_text(first + "\n" + '{"generation": 2, "ap')  # killed before any checkpoint
     assert len(read_jsonl(run / "log.jsonl")) == 1  # readers skip the torn tail
-    assert _job(home, run, "--resume").returncode == 0
+    resumed = _job(run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     untimed = lambda p: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in read_jsonl(p)]  # noqa: E731
     assert untimed(run / "log.jsonl") == untimed(ref / "log.jsonl")
     assert (run / "best_prompt.safetensors").read_bytes() == (ref / "best_prompt.safetensors").read_bytes()
