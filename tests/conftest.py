@@ -5,12 +5,18 @@ The cluster is started in a temporary directory by this test session and stopped
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+# Ray Train's controller looks at its workers every 2 s by default, so each of the suite's short Train
+# runs (and each phase after a killed worker) ends up to 2 s after its work; jobs started by the tests
+# and the session's cluster inherit this. It changes when a run is noticed to end, never its numbers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 TINY = dict(vocab=128, width=32, layers=4, heads=4, context=64)
 
