@@ -71,12 +71,12 @@ def test_own_task_example_runs_verbatim(tmp_path):
         for i in range(per_class):
             writer.writerow([f"Review {i}: it broke within a week.", "negative"])
             writer.writerow([f"Review {i}: it works well and I would buy it again.", "positive"])
-    # Appended, and only these: --quick shortens the search (budget, popsize, d, L; an explicit flag
-    # such as the README's --k-shot still wins over a preset), --local serves the model in this process
-    # instead of starting Ray, --output-dir keeps the run in tmp. None of them is a flag the README
-    # command sets, so every flag it does set reaches the job as written (checked below on config).
+    # Appended, and only these: --quick and --budget shorten the search (popsize, d, L, 120 calls; an
+    # explicit flag such as the README's --k-shot still wins over a preset), --local serves the model in
+    # this process instead of starting Ray, --output-dir keeps the run in tmp. None of them is a flag the
+    # README command sets, so every flag it does set reaches the job as written (checked below on config).
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--quick", "--local",
+    result = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--quick", "--budget", "120", "--local",
                              "--output-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((out / "result.json").read_text())
