@@ -126,3 +126,54 @@ def test_bench_oracle_quick_prints_its_figures(tiny_checkpoints, ray_cluster, ca
     assert set(figures["scaling"]) == {"default", "population_x2", "examples_x2", "prompt_length_x2", "stages_x2"}
     assert figures["scaling"]["default"]["ratio"] == 1.0
     assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_bench_extend_quick_counts_memory_and_times_1_and_2_workers(tiny_checkpoints, ray_cluster, capsys, tmp_path):
+    directory = tiny_checkpoints["llama"][0]
+    output = tmp_path / "extend.json"
+    bench = load_bench("extend")
+    figures = bench.main(["--quick", "--model", str(directory), "--output", str(output)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {output}"
+    assert json.loads(lines[-2]) == json.loads(output.read_text()) == json.loads(json.dumps(figures))
+    methods = figures["methods"]
+    assert set(methods) == {"neutral", "neutral-no-l1", "neutral-sigmoid", "neutral-he", "adapter", "lora", "full"}
+    backbone = figures["backbone_parameters"]
+    assert methods["full"]["trainable_parameters"] == backbone == 41248  # the tiny Llama, tied head once
+    for name, c in methods.items():
+        b = c["memory_bytes"]
+        assert b["total"] == b["weights"] + b["gradients"] + b["optimizer"] + b["activations"]
+        # fp32: a gradient and AdamW's two moments per trainable parameter, counted from the tensors
+        assert b["gradients"] == 4 * c["trainable_parameters"]
+        assert 0 <= b["optimizer"] - 2 * b["gradients"] < 4 * 100  # + a 4-byte step count per tensor
+        assert b["activations"] > 0
+        if name != "full":
+            assert 0.15 < c["trainable_fraction"] < 0.25  # --extra-params 0.2
+            assert b["total"] < methods["full"]["memory_bytes"]["total"]
+    # The adapters add their own weights to the backbone's; full fine-tuning trains the backbone's.
+    assert methods["neutral"]["memory_bytes"]["weights"] == 4 * (backbone + methods["neutral"]["trainable_parameters"])
+    assert methods["full"]["memory_over_full"] == 1.0
+    speed = figures["speed"]["neutral"]
+    assert set(figures["speed"]) == {"neutral"}
+    assert all(len(speed["step_times_s"][w]) == 2 for w in ("1", "2"))
+    assert speed["speedup_2_workers"] == pytest.approx(speed["tokens_per_s"]["2"] / speed["tokens_per_s"]["1"])
+    assert ray_cluster.is_initialized()  # the bench leaves a Ray it did not start running
+
+
+def test_bench_extend_counts_saved_activations_exactly():
+    """y = relu(x @ W): the matmul saves x only when W trains (W itself is a parameter: not counted),
+    relu saves its output; x @ W twice saves x once (one storage)."""
+    import torch
+
+    bench = load_bench("extend")
+    x, w = torch.randn(4, 8), torch.nn.Parameter(torch.randn(8, 16))
+    exclude = {w.untyped_storage().data_ptr()}
+    _, n = bench.saved_bytes(lambda: torch.relu(x @ w), exclude)
+    assert n == 4 * 8 * 4 + 4 * 16 * 4
+    _, n = bench.saved_bytes(lambda: (x @ w) * (x @ w).sum(), exclude)
+    assert n == 4 * 8 * 4 + 4 * 16 * 4 + 4  # x once (one storage); the product saves both factors
+    w.requires_grad_(False)
+    assert bench.saved_bytes(lambda: torch.relu(x @ w), exclude)[1] == 0  # nothing wants a gradient
+    assert bench.batches(2, 8, 4, 50)[1].tolist() == [True] + [False] * 7  # one row in 8 original-domain
