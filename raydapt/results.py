@@ -393,7 +393,7 @@ def _extend_section(preset: str, rows: dict[str, list[dict]], report_dir: Path |
              f"third-party packages). {cfg['steps']} AdamW steps of {cfg['batch']} blocks of {cfg['context']} tokens, "
              f"{cfg['original_fraction']:g} of them original-domain; {cfg['workers']} Ray Train workers; "
              f"{cfg['eval_blocks']} blocks per evaluation set. Mean ± std over seeds; forgetting is each run's "
-             "original-domain loss minus the backbone's on the same seed's blocks. The gate columns are the mean "
+             "original-domain loss minus the backbone's on the blocks that run scored. The gate columns are the mean "
              "block gate g(x) over tokens of each set (ReLU gates are unbounded; the sigmoid gate is in (0, 1)).", ""]
     lines += _extend_table(rows)
     if "extend-neutral" not in rows:
@@ -412,6 +412,12 @@ def _extend_section(preset: str, rows: dict[str, list[dict]], report_dir: Path |
               "- on the means over seeds: "
               + ("on the front" if on_means else "not on the front, dominated by " + ", ".join(dominators)) + "; "
               f"the front of the means, by forgetting: {', '.join(pareto['front'])}."]
+    gates = [r["gate_mean"] for r in rows["extend-neutral"] if r["gate_mean"].get("new")]
+    if gates:
+        lines.append(f"- neutral residues' mean gate: {_mean_std([g['original'] for g in gates], 1.0, 3)} on "
+                     f"original-domain eval tokens, {_mean_std([g['new'] for g in gates], 1.0, 3)} on new-language tokens, ratio "
+                     f"{_mean_std([g['original'] / g['new'] for g in gates], 1.0, 2)} (the paper's mechanism: about "
+                     "0 on the original domain).")
     if report_dir is not None:
         plot = any_run["_log"].parent.parent / "extend-tradeoff.png"
         _plot_extend(plot, preset, rows, pareto["front"])

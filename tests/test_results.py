@@ -209,6 +209,8 @@ def test_extend_section_pareto_and_pairs(tmp_path):
     assert "on the front in 1/2 seeds (dominated on seed 2 by extend-adapter);" in text
     assert ("on the means over seeds: on the front; the front of the means, by forgetting: backbone (frozen, no "
             "extension), extend-neutral, extend-full.") in text
+    assert ("- neutral residues' mean gate: 0.100 ± 0.000 on original-domain eval tokens, 0.500 ± 0.000 on "
+            "new-language tokens, ratio 0.20 ± 0.00") in text
     assert "![learning vs forgetting](results/quick/extend-tradeoff.png)" in text
     assert (runs / "quick" / "extend-tradeoff.png").stat().st_size > 0
     block = readme_block(collect(runs))
