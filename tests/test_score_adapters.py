@@ -152,7 +152,8 @@ def bad_adapter_inputs(tmp: Path, tiny_checkpoints) -> dict[str, Path]:
 
     llama, gpt2, qwen2 = (tiny_checkpoints[f][0] for f in ("llama", "gpt2", "qwen2"))
     good = write_adapters(llama, tmp / "adapters-llama") / ADAPTERS_FILE
-    garbage, truncated, headerless = tmp / "garbage.safetensors", tmp / "truncated.safetensors", tmp / "plain.safetensors"
+    garbage, truncated = tmp / "garbage.safetensors", tmp / "truncated.safetensors"
+    headerless = tmp / "plain.safetensors"
     garbage.write_bytes(b"\x00\x01not a safetensors file" * 10)
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     save_file({"w": torch.zeros(2)}, str(headerless))
