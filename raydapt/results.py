@@ -628,11 +628,38 @@ def _combiner_table(fig: dict) -> list[str]:
             f"Combiner states bitwise identical both ways: {fig['bit_identical']}.", ""]
 
 
+EXTEND_ORDER = ("neutral", "neutral-no-l1", "neutral-sigmoid", "neutral-he", "adapter", "lora", "full")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _extend_bench_table(fig: dict) -> list[str]:
+    """bench/extend.py: parameters and counted peak memory per method, tokens/s on 1 and 2 Ray Train workers."""
+    n, speed = fig["sizes"], fig["speed"]
+    lines = [f"`python bench/extend.py` (jobs/extend.py's training step on {n['batch']} blocks of {n['context']} "
+             f"tokens, backbone of {fig['backbone_parameters']:,} parameters; memory counted from the tensors one "
+             f"step holds: weights, gradients, AdamW state, activations saved for backward; 1 and 2 Ray Train "
+             f"workers timed step by step in turn in one run, 1 thread each, medians of {n['steps']}; {_where(fig)}):",
+             "", "| method | trainable parameters | of the backbone | peak training memory (counted) | / full "
+             "fine-tuning | saved activations | tokens/s, 1 worker | 2 workers | 2 / 1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in sorted(fig["methods"], key=lambda m: EXTEND_ORDER.index(m) if m in EXTEND_ORDER else len(EXTEND_ORDER)):
+        c, s = fig["methods"][name], speed.get(name)
+        over = f"{c['memory_over_full']:.2f}x" if c.get("memory_over_full") else ""
+        rate = (f"{s['tokens_per_s']['1']:.0f} | {s['tokens_per_s']['2']:.0f} | {s['speedup_2_workers']:.2f}x"
+                if s else " | | ")
+        lines.append(f"| {name} | {c['trainable_parameters']:,} | {c['trainable_fraction']:.1%} | "
+                     f"{_mib(c['memory_bytes']['total'])} | {over} | {_mib(c['memory_bytes']['activations'])} | {rate} |")
+    return lines + [""]
+
+
 def performance_block(bench_dir: Path) -> str:
     """The README's Performance tables, from the figures bench/*.py wrote (a bench not run: no table)."""
     lines = []
     for name, table in (("oracle", _oracle_table), ("search", _search_table), ("graybox", _graybox_table),
-                        ("combiners", _combiner_table)):
+                        ("combiners", _combiner_table), ("extend", _extend_bench_table)):
         path = Path(bench_dir) / f"{name}.json"
         if path.exists():
             lines += table(json.loads(path.read_text()))
