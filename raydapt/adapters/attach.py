@@ -20,11 +20,11 @@ from raydapt.adapters.layers import GatedResidual, adapter_width
 from raydapt.errors import UserError
 
 __all__ = ["attach", "attach_to_blocks", "adapters_of", "trainable_state", "load_trainable", "base_record", "ffn_sites",
-           "backbone_parameters", "ADAPTER_NAME"]
+           "backbone_parameters", "ADAPTER_NAME", "FFN_SITES"]
 
 ADAPTER_NAME = "residual_adapter"
 # model_type -> (decoder blocks, the FFN's input module, its output module), paths under the model
-_SITES = {
+FFN_SITES = {
     "gpt2": ("transformer.h", "mlp", "mlp"),
     "opt": ("model.decoder.layers", "fc1", "fc2"),
     "llama": ("model.layers", "mlp", "mlp"),
@@ -41,9 +41,9 @@ _LORA_TARGETS = {
 def ffn_sites(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
     """(block, FFN input module, FFN output module) for every decoder block."""
     model_type = model.config.model_type
-    if model_type not in _SITES:
-        raise UserError(f"adapters: unsupported architecture {model_type!r}; supported: {', '.join(_SITES)}")
-    blocks, first, last = _SITES[model_type]
+    if model_type not in FFN_SITES:
+        raise UserError(f"adapters: unsupported architecture {model_type!r}; supported: {', '.join(FFN_SITES)}")
+    blocks, first, last = FFN_SITES[model_type]
     return [(b, b.get_submodule(first), b.get_submodule(last)) for b in model.get_submodule(blocks)]
 
 
@@ -95,9 +95,9 @@ def attach_to_blocks(blocks: dict[int, nn.Module], model_type: str, d: int, cfg:
     """
     if cfg.method not in GATED + ("adapter",):
         raise UserError(f"adapters: {cfg.method} is served as a merged checkpoint, not attached to blocks")
-    if model_type not in _SITES:
-        raise UserError(f"adapters: unsupported architecture {model_type!r}; supported: {', '.join(_SITES)}")
-    prefix, first, last = _SITES[model_type]
+    if model_type not in FFN_SITES:
+        raise UserError(f"adapters: unsupported architecture {model_type!r}; supported: {', '.join(FFN_SITES)}")
+    prefix, first, last = FFN_SITES[model_type]
     for index, block in blocks.items():
         adapter = GatedResidual(d, cfg.hidden, cfg_blocks(cfg), cfg.gate, cfg.init, cfg.activation)
         key = f"{prefix}.{index}.{ADAPTER_NAME}."

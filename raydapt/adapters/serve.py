@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raydapt.adapters.attach import ADAPTER_NAME, _SITES, attach_to_blocks, backbone_parameters, base_record
+from raydapt.adapters.attach import ADAPTER_NAME, FFN_SITES, attach_to_blocks, backbone_parameters, base_record
 from raydapt.adapters.config import GATED, AdapterConfig
 from raydapt.adapters.layers import GatedResidual, adapter_width
 from raydapt.errors import UserError
@@ -108,9 +108,9 @@ def _expected_shapes(skeleton: nn.Module, config: AdapterConfig) -> dict[str, tu
     """{name: shape} of every adapter tensor this backbone extended by `config.method` at
     `config.extra_params` has."""
     model_type = skeleton.config.model_type
-    if model_type not in _SITES:
-        raise UserError(f"--adapters: unsupported architecture {model_type!r}; supported: {', '.join(_SITES)}")
-    prefix, d = _SITES[model_type][0], skeleton.config.hidden_size
+    if model_type not in FFN_SITES:
+        raise UserError(f"--adapters: unsupported architecture {model_type!r}; supported: {', '.join(FFN_SITES)}")
+    prefix, d = FFN_SITES[model_type][0], skeleton.config.hidden_size
     blocks = len(skeleton.get_submodule(prefix))
     # The width attach gives this backbone at the file's --extra-params, not the width the file says.
     hidden = adapter_width(backbone_parameters(skeleton), blocks, d, config.extra_params)
@@ -126,7 +126,7 @@ def attach_to_shard(shard: nn.Module, path: str, model_type: str, d: int) -> Non
     from safetensors import safe_open
 
     config, _, _ = _header(Path(path))
-    prefix = _SITES[model_type][0]
+    prefix = FFN_SITES[model_type][0]
     blocks = dict(zip(shard.layers, shard.blocks))
     wanted = tuple(f"{prefix}.{i}.{ADAPTER_NAME}." for i in blocks)
     with safe_open(path, "pt") as f:
