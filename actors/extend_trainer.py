@@ -66,24 +66,18 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
-    from raydapt.adapters import AdapterConfig, attach, extension_loss
+    from raydapt.adapters import AdapterConfig
+    from raydapt.extend.step import extended_model, optimizer, training_step
     from raydapt.pretrain import lr_at
 
-    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], dtype=torch.float32, use_safetensors=True)
-    model.eval()  # no dropout: the backbone is a fixed function, and restarts replay the same steps
-    torch.manual_seed(config["seed"])  # the same adapter init on every worker
-    model, adapter = attach(model, AdapterConfig.from_json(config["adapter"]))
+    model, adapter = extended_model(config["model_dir"], AdapterConfig.from_json(config["adapter"]), config["seed"])
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    params, opt = optimizer(model, config["lr"])
     start, history = _restore(model, opt, device)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
     blocks = torch.from_numpy(np.asarray(config["blocks"], dtype=np.int64))
@@ -98,11 +92,7 @@ def train_loop(config: dict) -> None:
         mask = original[rows][:, None].expand_as(x).to(device)  # (b, T) per-token domain
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, config["lr"], 0.05)
-        out = extension_loss(ddp, x, mask, adapter)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        out = training_step(ddp, params, opt, adapter, x, mask)
         row = torch.stack([out["loss"], out["lm"], out["aux"]]).detach().clone()
         if world > 1:
             torch.distributed.all_reduce(row)

@@ -59,17 +59,12 @@ def batches(steps: int, batch: int, context: int, vocab: int, seed: int = 0) -> 
 
 
 def _extended(model_dir: str, method: str, seed: int = 0):
-    """The backbone extended by `method`, as a Ray Train worker of jobs/extend.py builds it (eval mode:
-    no dropout); (model, the sized adapter config)."""
-    import transformers
-    from transformers import AutoModelForCausalLM
+    """The backbone extended by `method` as a Ray Train worker of jobs/extend.py builds it; (model, the
+    sized adapter config)."""
+    from raydapt.adapters import AdapterConfig
+    from raydapt.extend.step import extended_model
 
-    from raydapt.adapters import AdapterConfig, attach
-
-    transformers.utils.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
-    torch.manual_seed(seed)
-    return attach(model, AdapterConfig(method=method))
+    return extended_model(model_dir, AdapterConfig(method=method), seed)
 
 
 def saved_bytes(forward, exclude: set[int]) -> tuple[object, int]:
@@ -115,56 +110,42 @@ def training_memory(model_dir: str, method: str, ids: np.ndarray, original: np.n
             "trainable_fraction": n_trainable / backbone, "memory_bytes": memory}
 
 
-def _step(model, params, opt, adapter, x: torch.Tensor, original: torch.Tensor) -> None:
-    """jobs/extend.py's training step (actors/extend_trainer.py) on token ids x (b, T)."""
-    from raydapt.adapters import extension_loss
-
-    out = extension_loss(model, x, original[:, None].expand_as(x), adapter)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()  # under DDP, the trainable gradients are averaged here
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-
-
 def train_loop(config: dict) -> None:
     """A worker of a 2-worker Ray Train group. Per method and step, alternately: rank 0 alone runs the
     whole batch on a plain model (what a 1-worker run does: no DDP) while rank 1 waits, then both run
     rows rank::2 under DDP. Reports rank 0's timed seconds {method: {"1": [...], "2": [...]}}."""
     import ray.train
     import ray.train.torch
-    import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    from raydapt.extend.step import optimizer, training_step
+
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ids, original = batches(config["warmup"] + config["steps"], config["batch"], config["context"], config["vocab"])
     ids, original = torch.from_numpy(ids), torch.from_numpy(original)
 
-    def optimised(model):
-        params = [p for p in model.parameters() if p.requires_grad]
-        return params, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95))
-
     times = {}
     for method in config["methods"]:
         pair, adapter = _extended(config["model_dir"], method, config["seed"])
-        pair_params, pair_opt = optimised(pair)
+        pair_params, pair_opt = optimizer(pair, 1e-4)
         ddp = ray.train.torch.prepare_model(pair, move_to_device=False)  # wraps in DDP: world is 2
         if rank == 0:
             solo, _ = _extended(config["model_dir"], method, config["seed"])
-            solo_params, solo_opt = optimised(solo)
+            solo_params, solo_opt = optimizer(solo, 1e-4)
         times[method] = {"1": [], "2": []}
         for step in range(len(ids)):
             timed = step >= config["warmup"]
             torch.distributed.barrier()
             if rank == 0:
                 began = time.perf_counter()
-                _step(solo, solo_params, solo_opt, adapter, ids[step], original)
+                training_step(solo, solo_params, solo_opt, adapter, ids[step], original[:, None].expand_as(ids[step]))
                 if timed:
                     times[method]["1"].append(time.perf_counter() - began)
             torch.distributed.barrier()  # rank 1 waited (blocked, not spinning) for the solo step
             began = time.perf_counter()
-            _step(ddp, pair_params, pair_opt, adapter, ids[step, rank::world], original[rank::world])
+            x = ids[step, rank::world]
+            training_step(ddp, pair_params, pair_opt, adapter, x, original[rank::world][:, None].expand_as(x))
             if timed:
                 times[method]["2"].append(time.perf_counter() - began)
         del ddp, pair, pair_opt
