@@ -109,7 +109,7 @@ class RayPool:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
                 ).remote(model_dir, spec.stages, s, spec.dtype, device, threads, r,
                          simulated_latency_s=spec.simulated_latency_s if s == 0 else 0.0, graybox=spec.graybox,
-                         adapters=str(Path(spec.adapters).resolve()) if spec.adapters else "")
+                         adapters=spec.adapters)
                 for s in range(spec.stages)])
         ray.get([g.ready() for g in self.groups])
         ray.get([a.ready.remote() for chain in self.replicas for a in chain])

@@ -39,8 +39,9 @@ class PoolSpec:
     # Label-logits requests whose rows share a prompted prefix run it once per candidate
     # (raydapt.models.prefix); equal to the unshared path within float rounding, every family.
     prefix_sharing: bool = True
-    # A trained extension served on top of the backbone (`raydapt score --adapters`): the checked
-    # adapters.safetensors of a jobs/extend.py run; each stage attaches its own blocks' adapters.
+    # A trained extension served on top of the backbone (`raydapt score --adapters`): the
+    # adapters.safetensors of a jobs/extend.py run, already checked against model_dir by
+    # raydapt.adapters.serve.check_adapters (run_score does, once); each stage attaches its own blocks'.
     adapters: str = ""
 
     @property
@@ -65,9 +66,6 @@ class PoolSpec:
             raise UserError(f"--placement {self.strategy!r} is not one of {', '.join(PLACEMENTS)}")
         stage_plan(self.model_dir, self.stages)  # reads the checkpoint's shapes: fails early and clearly
         tensor_index(self.model_dir)  # opens every safetensors header here, before any actor starts
-        if self.adapters:
-            from raydapt.adapters.serve import check_adapters
-            check_adapters(self.adapters, self.model_dir)  # recorded base, shapes: before any actor starts
 
 
 def pin_coordinator_threads() -> None:
