@@ -11,11 +11,20 @@ from raydapt.models.sharding import plan_stages
 from tests.conftest import FAMILIES
 
 
-def test_plan_balances_parameters():
-    # Embeddings (first) and head (last) weigh as much as two blocks: the ends get fewer blocks.
+def test_plan_balances_work():
+    # Extras (first) and head (last) cost as much as two blocks: the ends get fewer blocks.
     assert plan_stages([10] * 8, 3, first_extra=20, last_extra=20) == [range(0, 2), range(2, 6), range(6, 8)]
     assert plan_stages([10] * 4, 4) == [range(i, i + 1) for i in range(4)]
     assert plan_stages([1, 1, 1, 9], 2) == [range(0, 3), range(3, 4)]
+
+
+def test_stage_plan_counts_the_head_as_work_and_the_embeddings_as_none():
+    # The default large LM: 4 blocks of 655,872 multiply-adds per token, a tied 4096 x 256 head
+    # (1,048,576 + the final norm). With the embedding table counted as work the split was 2/2;
+    # as a lookup, 3 blocks (1.97M) against 1 block + head (1.70M) is the more even split.
+    from raydapt.defaults import default_model_dir
+    from raydapt.models.shard import stage_plan
+    assert stage_plan(default_model_dir("large"), 2).ranges == [range(0, 3), range(3, 4)]
 
 
 def test_plan_rejects_more_stages_than_layers():

@@ -34,8 +34,14 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _numel(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+def _work_per_token(module: nn.Module | None) -> int:
+    """Multiply-adds per token, to a good approximation: the parameters of every submodule but the
+    embedding tables, which are looked up, not multiplied (an LM head tied to the embeddings is a
+    Linear and counts in full)."""
+    if module is None:
+        return 0
+    lookups = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
+    return sum(p.numel() for p in module.parameters() if id(p) not in lookups)
 
 
 def _skeleton(config) -> nn.Module:
@@ -50,16 +56,17 @@ class StagePlan:
 
 
 def stage_plan(model_dir: str | Path, n_stages: int) -> StagePlan:
-    """Layer ranges of an S-stage split, balanced by parameter count."""
+    """Layer ranges of an S-stage split, balanced by per-token compute (see `plan_stages`)."""
     config, family = read_config(model_dir)
     return _plan(_skeleton(config), family, n_stages)
 
 
 def _plan(skeleton: nn.Module, family: Family, n_stages: int) -> StagePlan:
     blocks = skeleton.get_submodule(family.layers)
-    first = sum(_numel(_get(skeleton, p)) for p in (family.embed_tokens, *family.first_extras))
-    last = sum(_numel(_get(skeleton, p)) for p in (family.final_norm or "", family.head, *family.last_extras) if p)
-    ranges = plan_stages([_numel(b) for b in blocks], n_stages, first, last)
+    first = sum(_work_per_token(_get(skeleton, p)) for p in (family.embed_tokens, *family.first_extras))
+    last_paths = (family.final_norm or "", family.head, *family.last_extras)
+    last = sum(_work_per_token(_get(skeleton, p)) for p in last_paths if p)
+    ranges = plan_stages([_work_per_token(b) for b in blocks], n_stages, first, last)
     return StagePlan(ranges, len(blocks))
 
 
