@@ -96,8 +96,9 @@ SMALL = ["--quick", "--seed", "4", "--train-tokens", "6000", "--fit-tokens", "30
          "--expert-steps", "12", "--checkpoint-every", "2", "--combiner-epochs", "1", "--hidden", "16",
          "--control", "constant_scalar"]
 # Every field CombLM's --resume accepts, changed between the killed leg and the resumed one.
+# The worker fault's step is chosen after the kill (fault_after_restore).
 RESUME_CHANGES = ["--stages", "2", "--replicas", "2", "--cpus-per-stage", "0.5", "--micro-batch", "3",
-                  "--combiner-workers", "1", "--fault-injection", "kill-worker:after-steps=9"]
+                  "--combiner-workers", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +183,25 @@ def kill_mid_expert_training(out: Path) -> None:
     assert not (out / "expert").exists() and not (out / "result.json").exists()
 
 
+def fault_after_restore(out: Path) -> list[str]:
+    """A worker fault one step after the newest checkpoint the killed leg left, so that it fires
+    whichever checkpoint Ray Train restores: how far the leg got before SIGKILL is a race."""
+    steps = [json.loads(p.read_text())["step"] for p in (out / "train").glob("expert/checkpoint_*/state.json")]
+    latest = max(steps, default=0)
+    assert latest < int(SMALL[SMALL.index("--expert-steps") + 1]), "the killed leg finished fine-tuning"
+    return ["--fault-injection", f"kill-worker:after-steps={latest + 1}"]
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_killed_mid_phase_and_resumed_with_every_neutral_field_changed_equals_uninterrupted(small_run, tmp_path):
     """Killed mid expert fine-tuning, then resumed with every neutral field changed and a Ray Train
-    worker killed at step 9 (restored from its last checkpoint): the same bytes as the clean run."""
+    worker killed one step after the resume point (restored from its last checkpoint): the same bytes
+    as the clean run."""
     from raydapt.comblm.config import RESULT_NEUTRAL_FIELDS
     clean, killed = small_run, tmp_path / "killed"
     kill_mid_expert_training(killed)
-    resumed = run_job(*SMALL, *RESUME_CHANGES, "--output-dir", killed, "--resume")
+    resumed = run_job(*SMALL, *RESUME_CHANGES, *fault_after_restore(killed), "--output-dir", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads((d / "result.json").read_text()) for d in (clean, killed))
     first_leg = json.loads((killed / "config.json").read_text())  # written by the killed leg, kept
