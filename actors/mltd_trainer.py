@@ -68,7 +68,7 @@ def train_loop(config: dict) -> None:
     params = [p for _, p in outer]
     opt = outer_optimizer(model, cfg.outer_lr, cfg.base_lr)
     start, history = _restore(model, opt, "cpu")
-    tasks = [Task(name, torch.from_numpy(train), torch.from_numpy(test)) for name, train, test in config["tasks"]]
+    tasks = [Task(name, torch.tensor(train), torch.tensor(test)) for name, train, test in config["tasks"]]
     mode = "multitask" if cfg.method == "multitask" else "maml"
     metrics = _trainer_metrics(config["run"]) if rank == 0 else None
     for step in range(start, cfg.meta_steps):

@@ -129,3 +129,32 @@ def test_a_meta_batch_over_two_workers_sums_to_the_one_worker_buffer_bit_for_bit
     opt = outer_optimizer(model, 1e-3, 1e-4)
     loss = apply_outer(outer, opt, one)
     assert loss == pytest.approx(float(one[:, -1].mean()))
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_train_meta_training_is_the_same_on_1_and_2_workers_and_after_a_killed_worker(ray_cluster, tmp_path):
+    """Outer parameters after 4 meta-steps: bytes equal for 1 worker, 2 workers, and 2 workers of which
+    one is killed at meta-step 3 (restarted from the step-2 checkpoint); --resume keeps a finished run."""
+    from actors.runner import RayRuntime
+    from raydapt.config import parse_args
+    from raydapt.defaults import default_model_dir
+    from raydapt.mltd.job import run_mltd_job
+
+    common = ["--method", "tams-meta", "--model", str(default_model_dir("small")), "--domains-dir",
+              str(user_domains(tmp_path)), "--context", "32", "--meta-steps", "4", "--meta-batch", "2",
+              "--inner-steps", "1", "--inner-batch", "2", "--checkpoint-every", "2", "--adapt-steps", "2",
+              "--train-sequences", "8", "--meta-train-sequences", "8", "--test-sequences", "4", "--seed", "3"]
+    results = {}
+    for name, extra in (("one", ["--workers", "1"]), ("two", ["--workers", "2"]),
+                        ("killed", ["--workers", "2", "--fault-injection", "kill-worker:after-steps=3"])):
+        cfg = parse_args(MLtDConfig, [*common, *extra, "--output-dir", str(tmp_path / name)])
+        results[name] = run_mltd_job(cfg, RayRuntime)
+    weights = {n: (tmp_path / n / "mltd.safetensors").read_bytes() for n in results}
+    assert weights["one"] == weights["two"] == weights["killed"]  # tolerance 0: bit for bit
+    assert results["killed"]["worker_failures_injected"] == 1
+    for key in ("perplexity", "final_outer_loss", "first_outer_loss"):
+        assert results["one"][key] == results["two"][key] == results["killed"][key], key
+    assert results["one"]["meta_steps"] == 4
+    again = parse_args(MLtDConfig, [*common, "--workers", "2", "--resume", "--output-dir", str(tmp_path / "two")])
+    assert run_mltd_job(again, lambda: pytest.fail("a finished run started Ray Train")) == results["two"]

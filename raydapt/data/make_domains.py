@@ -130,14 +130,17 @@ def _sequences(texts: list[str], tokenizer, context: int, limit: int) -> np.ndar
 
 
 def build_domains(tokenizer, context: int, train: int, test: int, domains_dir: str = "",
-                  meta_train: int | None = None) -> tuple[list[Domain], list[Domain]]:
+                  meta_train: int | None = None, wanted=None) -> tuple[list[Domain], list[Domain]]:
     """(meta-train domains, meta-test domains). Held-out domains get `train` training sequences,
-    meta-train ones `meta_train` (default `train`); each at most, fewer when the text runs out."""
+    meta-train ones `meta_train` (default `train`); each at most, fewer when the text runs out.
+    `wanted(name, held_out) -> bool` skips reading the domains a run does not use (default: all)."""
     kinds = all_domain_names(domains_dir)
     train_side, test_side = [], []
     for kind, names in kinds.items():
         held = set(held_out_names(names))
         for name in names:
+            if wanted is not None and not wanted(name, name in held):
+                continue
             n_train = train if name in held else (meta_train or train)
             texts, source = domain_texts(name, kind, domains_dir, (n_train + test) * context * _CHARS_PER_TOKEN)
             seqs = _sequences(texts, tokenizer, context, n_train + test) if texts else np.zeros((0, context), np.int64)

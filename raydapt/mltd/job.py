@@ -19,7 +19,7 @@ import torch
 
 from raydapt.bbt.job import prepare_output_dir
 from raydapt.config import to_dict
-from raydapt.data.make_domains import build_domains
+from raydapt.data.make_domains import all_domain_names, build_domains, held_out_names
 from raydapt.defaults import default_model_dir
 from raydapt.errors import UserError
 from raydapt.mltd.adapt import adapted_parameters, build_model, score_domain, trainable_share
@@ -48,6 +48,17 @@ def check_domains(meta_train, meta_test, cfg):
     return chosen
 
 
+def _wanted(cfg):
+    """Which domains a run reads: the meta-train ones only for meta-learning; the held-out ones of
+    --meta-test-domains (all by default). An unknown --meta-test-domains name stops here, unread."""
+    held = [n for names in all_domain_names(cfg.domains_dir).values() for n in held_out_names(names)]
+    unknown = [n for n in cfg.domains if n not in held]
+    if unknown:
+        raise UserError(f"--meta-test-domains: {unknown[0]!r} is not a held-out domain; held out: {', '.join(held)}")
+    chosen = set(cfg.domains or held)
+    return lambda name, is_held: name in chosen if is_held else cfg.method in META_METHODS
+
+
 def run_mltd_job(cfg, make_runtime) -> dict:
     """Run one method; `make_runtime()` gives the Ray side, called once every input has been checked."""
     started = time.perf_counter()
@@ -58,7 +69,8 @@ def run_mltd_job(cfg, make_runtime) -> dict:
     model = build_model(cfg.model, cfg, cfg.seed)  # a rank too large for a layer stops here, in a second
     share = trainable_share(model, cfg.method)
     meta_train, meta_test = build_domains(load_tokenizer(cfg.model), cfg.context, cfg.train_sequences,
-                                          cfg.test_sequences, cfg.domains_dir, cfg.meta_train_sequences)
+                                          cfg.test_sequences, cfg.domains_dir, cfg.meta_train_sequences,
+                                          wanted=_wanted(cfg))
     scored = check_domains(meta_train, meta_test, cfg)
     out, _ = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS, marker="no-signed-checkpoint-here")
     if cfg.resume and (out / "result.json").exists():
