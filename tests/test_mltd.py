@@ -158,3 +158,25 @@ def test_ray_train_meta_training_is_the_same_on_1_and_2_workers_and_after_a_kill
     assert results["one"]["meta_steps"] == 4
     again = parse_args(MLtDConfig, [*common, "--workers", "2", "--resume", "--output-dir", str(tmp_path / "two")])
     assert run_mltd_job(again, lambda: pytest.fail("a finished run started Ray Train")) == results["two"]
+
+
+def test_results_section_tests_each_step_of_the_ordering_on_paired_seeds():
+    from raydapt.mltd.report import mltd_section
+
+    def runs(method, means):
+        return [{"seed": s, "method": method, "mean_perplexity": m, "perplexity": {"a": m, "b": m},
+                 "trainable_share": 0.1, "held_out_rule": "rule", "_log": Path("x/y/log.jsonl"),
+                 "config": {"model": "m", "tarp": "dynamic", "rank": 4, "meta_steps": 1, "meta_batch": 2,
+                            "inner_steps": 1, "adapt_steps": 1, "train_sequences": 8, "context": 8}}
+                for s, m in zip((1, 2, 3), means)]
+    rows = {"mltd-zero-shot": runs("zero-shot", [100, 101, 102]),
+            "mltd-full": runs("full", [90, 92, 91]),           # 10 +- 1 lower: holds
+            "mltd-tarp": runs("tarp", [80, 99, 85]),          # noisy: no verdict
+            "mltd-tarp-meta": runs("tarp-meta", [81, 100.5, 86.1]),  # consistently ~1 higher: reversed
+            "mltd-tams-meta": runs("tams-meta", [81, 100.5, 86.1])}  # equal: no spread
+    text = "\n".join(mltd_section("quick", rows))
+    assert "| zero-shot > full | 10.00 ± 1.00 | 0.003 | holds |" in text
+    assert "| full > tarp |" in text and "no difference beyond the noise" in text
+    assert "| tarp > tarp-meta |" in text and "does not hold: reversed" in text
+    assert "| tarp-meta > tams-meta | 0.00 ± 0.00 | – | not tested (one seed or no spread) |" in text
+    assert "| zero-shot | 3 | 10.00% | 101.0 ± 1.0 | 101.0 ± 1.0 | 101.0 ± 1.0 |" in text
