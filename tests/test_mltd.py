@@ -180,3 +180,23 @@ def test_results_section_tests_each_step_of_the_ordering_on_paired_seeds():
     assert "| tarp > tarp-meta |" in text and "does not hold: reversed" in text
     assert "| tarp-meta > tams-meta | 0.00 ± 0.00 | – | not tested (one seed or no spread) |" in text
     assert "| zero-shot | 3 | 10.00% | 101.0 ± 1.0 | 101.0 ± 1.0 | 101.0 ± 1.0 |" in text
+
+
+def test_suite_runs_cover_every_method_and_the_low_data_domain_is_held_out():
+    import importlib.util
+
+    from raydapt.config import parse_args
+    from raydapt.data.make_domains import all_domain_names
+    from raydapt.mltd.config import METHODS, QUICK
+    from raydapt.mltd.report import LOW_DATA_DOMAIN, LOW_DATA_SIZES
+
+    spec = importlib.util.spec_from_file_location("suite_under_test", RAYDAPT.parent / "jobs" / "suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    runs = {name: flags for name, (job, flags) in suite.RUNS.items() if job == "mltd"}
+    assert "mltd" in suite.NEEDS_RAY
+    cfgs = {name: parse_args(MLtDConfig, ["--quick", *flags], presets={"quick": QUICK}) for name, flags in runs.items()}
+    assert {c.method for n, c in cfgs.items() if "lowdata" not in n} == set(METHODS)
+    low = [c for n, c in cfgs.items() if "lowdata" in n]
+    assert sorted({c.train_sequences for c in low}) == list(LOW_DATA_SIZES) and {c.domains[0] for c in low} == {LOW_DATA_DOMAIN}
+    assert LOW_DATA_DOMAIN in held_out_names(all_domain_names()["prose"])
