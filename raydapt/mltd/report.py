@@ -12,6 +12,8 @@ __all__ = ["ORDERING", "LOW_DATA_METHODS", "LOW_DATA_SIZES", "LOW_DATA_DOMAIN", 
 # The paper's ordering (Hou, Salazar, Polovets, TACL 2022, table 2), worst to best, then the other baselines.
 ORDERING = ("zero-shot", "full", "tarp", "tarp-meta", "tams-meta")
 OTHERS = ("lora", "multitask")
+# Beyond the paper's chain: does meta-learning beat the multitask control, does TARP beat LoRA?
+CONTROLS = (("multitask", "tarp-meta"), ("lora", "tarp"))
 LOW_DATA_METHODS = ("tarp", "lora", "full")
 LOW_DATA_SIZES = (50, 100, 200, 500)
 LOW_DATA_DOMAIN = "pydoc"
@@ -55,10 +57,10 @@ def _ordering(rows: dict[str, list[dict]]) -> list[str]:
         lines.append(f"| {m} | {len(rs)} | {100 * rs[0]['trainable_share']:.2f}% | " + " | ".join(cells) +
                      f" | {_ms([r['mean_perplexity'] for r in rs])} |")
     lines += ["", "Each step of the paper's ordering (zero-shot > full > TARP > TARP + meta > TARP + TAMS + meta, "
-              "in perplexity), on the mean perplexity paired by seed (scipy's paired t-test; a step holds only "
+              "in perplexity), then the controls (multitask > TARP + meta, LoRA > TARP), on the mean perplexity paired by seed (scipy's paired t-test; a step holds only "
               "when the difference is positive and p < 0.05):", "",
               "| step | difference (paired, mean ± std) | p | verdict |", "|---|---|---|---|"]
-    for worse, better in zip(ORDERING, ORDERING[1:]):
+    for worse, better in [*zip(ORDERING, ORDERING[1:]), *CONTROLS]:
         if f"mltd-{worse}" in rows and f"mltd-{better}" in rows:
             diffs, p = _paired(rows[f"mltd-{worse}"], rows[f"mltd-{better}"])
             shown = "–" if p != p else ("< 0.001" if p < 0.001 else f"{p:.3f}")
