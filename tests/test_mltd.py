@@ -23,7 +23,7 @@ RAYDAPT = Path(__file__).resolve().parents[1] / "raydapt"
 def user_domains(tmp_path: Path, small: bool = False) -> Path:
     """A --domains-dir of real text: raydapt's own method folders, one domain each (plus a one-line one)."""
     root = tmp_path / "domains"
-    root.mkdir()
+    root.mkdir(parents=True)
     for name in ("bbt", "adapters", "extend", "data", "comblm", "gdfo", "recursive", "idpt"):
         (root / name).symlink_to(RAYDAPT / name)
     if small:
@@ -54,6 +54,11 @@ def test_domains_split_apart_and_a_too_small_domain_is_refused(tmp_path):
         assert d.train.shape == ((20 if d in meta_test else 10), 32) and d.test.shape == (6, 32)
         rows = {tuple(r) for r in d.train}
         assert not rows & {tuple(r) for r in d.test}  # train and test share no sequence
+    fewer, _ = build_domains(tokenizer, 32, 5, 6, str(user_domains(tmp_path / "again")), 5)
+    again = {d.name: d for d in fewer}
+    for d in meta_train:  # the test split does not depend on the train size; smaller train splits are prefixes
+        if d.name != "tiny":
+            assert np.array_equal(again[d.name].test, d.test) and np.array_equal(again[d.name].train, d.train[:5])
     cfg = MLtDConfig(method="tarp-meta", inner_batch=4, context=32)
     with pytest.raises(UserError, match="domain tiny: 0 training sequences .* fewer than one inner batch"):
         check_domains(meta_train, meta_test, cfg)

@@ -12,8 +12,9 @@ the rest are meta-train. A user directory of domains (`--domains-dir`: one file 
 domain) gets the same rule as one kind of its own.
 
 A domain's texts are ordered by their SHA-256, joined with the end token and cut into sequences of
-`context` tokens; its test split is the last `test` sequences of that stream and its train split the
-`train` before them, so the two never share a token. Built at run time, not shipped (the catalogs
+`context` tokens; its test split is the first `test` sequences of that stream and its train split the
+`train` after them, so the two never share a token, the test split does not depend on the train size,
+and a smaller train split is a prefix of a larger one (the low-data curve compares nested sets). Built at run time, not shipped (the catalogs
 come under as many licences as packages); `stats` records what was read, with a digest per domain.
 
     python -m raydapt.data.make_domains          # prints the domains, their split and sizes
@@ -144,8 +145,9 @@ def build_domains(tokenizer, context: int, train: int, test: int, domains_dir: s
             n_train = train if name in held else (meta_train or train)
             texts, source = domain_texts(name, kind, domains_dir, (n_train + test) * context * _CHARS_PER_TOKEN)
             seqs = _sequences(texts, tokenizer, context, n_train + test) if texts else np.zeros((0, context), np.int64)
-            n_test = min(test, len(seqs) // 2)  # a short domain still keeps train and test apart
-            domain = Domain(name, kind, seqs[:len(seqs) - n_test][:n_train], seqs[len(seqs) - n_test:], source)
+            # A domain that ran out of text still keeps train and test apart; one that did not always has `test`.
+            n_test = test if len(seqs) >= n_train + test else min(test, len(seqs) // 2)
+            domain = Domain(name, kind, seqs[n_test:n_test + n_train], seqs[:n_test], source)
             (test_side if name in held else train_side).append(domain)
     return train_side, test_side
 

@@ -72,9 +72,12 @@ def _low_data(rows: dict[str, list[dict]]) -> list[str]:
     present = [m for m in LOW_DATA_METHODS if any(f"mltd-lowdata-{m}-{n}" in rows for n in LOW_DATA_SIZES)]
     if not present:
         return []
+    steps = {n: rs[0]["config"]["adapt_steps"] for n in LOW_DATA_SIZES for m in present
+             if (rs := rows.get(f"mltd-lowdata-{m}-{n}"))}
     lines = ["", f"Low-data curve: test perplexity on the held-out domain `{LOW_DATA_DOMAIN}` after adaptation on "
-             "n of its training sequences (mean ± std over seeds; TARP is the dynamic form, no meta-learning):", "",
-             "| method | " + " | ".join(f"n = {n}" for n in LOW_DATA_SIZES) + " |",
+             "n of its training sequences (mean ± std over seeds; TARP is the dynamic form, no meta-learning; "
+             "Adam steps of --inner-batch sequences in brackets):", "",
+             "| method | " + " | ".join(f"n = {n} ({steps.get(n, '?')} steps)" for n in LOW_DATA_SIZES) + " |",
              "|---|" + "---|" * len(LOW_DATA_SIZES)]
     for m in present:
         cells = [_ms([r["perplexity"][LOW_DATA_DOMAIN] for r in rows.get(f"mltd-lowdata-{m}-{n}", [])])
