@@ -31,6 +31,10 @@ class _TrainRuns:
         from actors.extend_trainer import train_extension
         return train_extension(cfg, adapter_json, blocks, original, plan, storage, fault_marker)
 
+    def meta_train_mltd(self, cfg, cfg_dict: dict, tasks: list, storage: str, fault_marker: str) -> dict:
+        from actors.mltd_trainer import meta_train
+        return meta_train(cfg, cfg_dict, tasks, storage, fault_marker)
+
     def fit_combiners(self, jobs, fits, tests, options, workers: int, storage: str) -> dict:
         from actors.combiner_trainer import fit_combiners_on_train
         return fit_combiners_on_train(jobs, fits, tests, options, workers, storage)

@@ -51,8 +51,16 @@ RUNS = {  # name: (job, extra flags)
     **{f"extend-{m}": ("extend", ["--method", m]) for m in
        ("neutral", "neutral-no-l1", "neutral-sigmoid", "neutral-he", "adapter", "lora", "full")},
     "extend-full-lr5e-4": ("extend", ["--method", "full", "--lr", "0.0005"]),
+    # MLtD (issue 15): the paper's ordering and its other baselines, then the low-data curve on one held-out
+    # domain (dynamic TARP without meta-learning, LoRA, full fine-tuning at 50-500 training sequences, each
+    # adapted for 2 epochs, n/2 steps of 4 sequences: a fixed step count would leave most of a large split unread).
+    **{f"mltd-{m}": ("mltd", ["--method", m]) for m in
+       ("zero-shot", "full", "lora", "tarp", "multitask", "tarp-meta", "tams-meta")},
+    **{f"mltd-lowdata-{m}-{n}": ("mltd", ["--method", m, "--train-sequences", str(n), "--adapt-steps", str(n // 2),
+                                          "--meta-test-domains", "pydoc"])
+       for m in ("tarp", "lora", "full") for n in (50, 100, 200, 500)},
 }
-NEEDS_RAY = ("comblm", "extend")  # Ray Train and Ray tasks: --local does not apply
+NEEDS_RAY = ("comblm", "extend", "mltd")  # Ray Train and Ray tasks: --local does not apply
 
 
 def run(job: str, argv: list[str]) -> None:
@@ -88,6 +96,10 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.extend.job import run_extend_job
         # The runtime factory: Ray starts once the inputs are checked, as in jobs/extend.py.
         run_extend_job(parse_args(ExtendConfig, argv, presets={"quick": QUICK}), RayRuntime)
+    elif job == "mltd":
+        from raydapt.mltd.config import QUICK, MLtDConfig
+        from raydapt.mltd.job import run_mltd_job
+        run_mltd_job(parse_args(MLtDConfig, argv, presets={"quick": QUICK}), RayRuntime)
     else:
         from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
         run_gradient_job(parse_args(GradientConfig, argv))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from raydapt.defaults import default_model_dir
 from tests.test_score_adapters import bad_adapter_inputs
 from tests.entry_points import (NO_RAY, RayStartedError, _MODULES, assert_one_line_error, run_entry_point,
                                  run_in_process)
@@ -143,6 +144,16 @@ ROWS = [
     ("jobs/extend.py", "--batch 3", ["--batch", "not a multiple of --workers 2"]),
     ("jobs/extend.py", "--method prefix", ["--method", "'neutral', 'neutral-no-l1'"]),
     ("jobs/extend.py", "--context 1000", ["--context 1000", "context of 256"]),
+    # jobs/mltd.py (issue 15): each bad input before Ray Train starts.
+    ("jobs/mltd.py", "--rank 0", ["--rank", "integer >= 1", "4 to 32"]),
+    ("jobs/mltd.py", "--rank 300 --method tarp", ["--rank: 300 is larger than layer", "accepted: 1 to 256"]),
+    ("jobs/mltd.py", "--rank 65 --tarp kronecker", ["--rank: 65 is larger than layer", "accepted: 1 to 64"]),
+    ("jobs/mltd.py", "--tams-ops zero,conv7", ["--tams-ops", "unknown operation 'conv7'", "conv3, conv5"]),
+    ("jobs/mltd.py", "--domains-dir {mltd_domains_small} --context 32 --model {small_lm}",
+     ["domain tiny: 0 training sequences", "fewer than one inner batch (--inner-batch 4)"]),
+    ("jobs/mltd.py", "--meta-batch 1 --workers 2", ["--meta-batch", "cannot be spread over --workers 2", ">= 2"]),
+    ("jobs/mltd.py", "--domains-dir {mltd_domains_small} --meta-test-domains nowhere --model {small_lm}",
+     ["--meta-test-domains: 'nowhere' is not a held-out domain"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -232,7 +243,14 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "other_tokenizer": _other_tokenizer(tmp),
         "recursive_run": _recursive_run(tmp),
         **bad_adapter_inputs(tmp, tiny_checkpoints),
+        "mltd_domains_small": _mltd_domains(tmp),
+        "small_lm": default_model_dir("small"),
     }
+
+
+def _mltd_domains(tmp: Path) -> Path:
+    from tests.test_mltd import user_domains
+    return user_domains(tmp, small=True)
 
 
 def _other_tokenizer(tmp: Path) -> Path:
