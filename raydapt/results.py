@@ -655,11 +655,29 @@ def _extend_bench_table(fig: dict) -> list[str]:
     return lines + [""]
 
 
+def _retrieval_table(fig: dict) -> list[str]:
+    """bench/retrieval.py: the BM25 index vs a brute-force scan, and the index's recall@k."""
+    ks = sorted(fig["recall"]["test"], key=int)
+    return [f"`python bench/retrieval.py` (the open-book task's bm25s index over {fig['passages']:,} passages, top "
+            f"{fig['k']} for {fig['questions']} questions, vs a brute-force BM25 scan of the same corpus on "
+            f"{fig['scan_queries']} of them; {_where(fig)}):", "",
+            "| measure | value |", "|---|---|",
+            f"| index / scan, queries per second | {fig['speedup']:.1f}x ({fig['index_qps']:.0f} vs "
+            f"{fig['scan_qps']:.1f} q/s) |",
+            f"| index build, load | {fig['build_s']:.2f} s, {fig['load_s']:.3f} s |",
+            f"| top-1 the scan's best / largest top-{fig['k']} score gap | {fig['top1_agrees_with_scan']:.3f} / "
+            f"{fig['max_top_k_score_gap']:.1e} |", "",
+            "| split | " + " | ".join(f"recall@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
+            *[f"| {split} | " + " | ".join(f"{fig['recall'][split][k]:.3f}" for k in ks) + " |"
+              for split in ("train", "dev", "test") if split in fig["recall"]], ""]
+
+
 def performance_block(bench_dir: Path) -> str:
     """The README's Performance tables, from the figures bench/*.py wrote (a bench not run: no table)."""
     lines = []
     for name, table in (("oracle", _oracle_table), ("search", _search_table), ("graybox", _graybox_table),
-                        ("combiners", _combiner_table), ("extend", _extend_bench_table)):
+                        ("combiners", _combiner_table), ("extend", _extend_bench_table),
+                        ("retrieval", _retrieval_table)):
         path = Path(bench_dir) / f"{name}.json"
         if path.exists():
             lines += table(json.loads(path.read_text()))

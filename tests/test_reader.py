@@ -1,0 +1,130 @@
+"""Frozen readers: the open-book task's recipe, its BM25 index (checked against a brute-force scan),
+the corpus fingerprint, greedy packing and the question files' checks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raydapt.data.make_openbook import default_openbook_dir, functions, _questions
+from raydapt.errors import UserError
+from raydapt.reader.data import load_questions
+from raydapt.reader.packing import ReaderTokens, check_budget, encode_rows, pack
+from raydapt.reader.retrieval import (BruteForceBM25, Corpus, build_index, load_corpus_file, load_index, open_index,
+                                      recall_at, retrieve, words)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_corpus() -> Corpus:
+    """The shipped corpus's first 400 passages: real code, small enough to scan."""
+    full = load_corpus_file(default_openbook_dir() / "corpus.jsonl")
+    return Corpus(full.ids[:400], full.texts[:400])
+
+
+def test_functions_drop_the_docstring_from_the_passage():
+    source = 'class A:\n    def tell(self):\n        """Return the current file position.\n\n        More."""\n' \
+             '        return self._pos\n'
+    [(pid, name, summary, text)] = functions("m.py", source)
+    assert (pid, name, summary) == ("m.py:2:tell", "tell", "Return the current file position.")
+    assert text == "def tell(self):\n    return self._pos"
+
+
+def test_questions_keep_unique_summaries_of_named_functions():
+    found = [("a:1:f", "f", "Return the same thing here.", ""), ("b:1:g", "g", "Return the same thing here.", ""),
+             ("c:1:__x__", "__x__", "Make a new object now.", ""), ("d:1:h", "h", "Too short.", ""),
+             ("e:1:k", "k", "Close the open file handle.", "")]
+    assert _questions(found, 4) == [("Close the open file handle.", " k", "e:1:k")]
+
+
+def test_words_split_identifiers():
+    assert words("getFilePosition(self, get_value2)") == ["get", "file", "position", "self", "get", "value", "2"]
+
+
+def test_index_scores_equal_a_brute_force_scan(small_corpus):
+    index = build_index(small_corpus)
+    scan = BruteForceBM25([words(t) for t in small_corpus.texts])
+    queries = [small_corpus.texts[i].splitlines()[0] for i in (3, 50, 200)] + ["return the the value value"]
+    rows, scores = retrieve(index, queries, 10)
+    for q, r, s in zip(queries, rows, scores):
+        reference = scan.scores(words(q))
+        np.testing.assert_allclose(s, np.sort(reference)[::-1][:10], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(reference[r], s, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_index_loads_only_for_its_corpus(small_corpus, tmp_path):
+    index, built = open_index(tmp_path / "index", small_corpus)
+    assert built
+    again, built = open_index(tmp_path / "index", small_corpus)
+    assert not built
+    q = [small_corpus.texts[7]]
+    assert (retrieve(index, q, 5)[0] == retrieve(again, q, 5)[0]).all()
+    other = Corpus(small_corpus.ids, small_corpus.texts[:-1] + [small_corpus.texts[-1] + " x"])
+    with pytest.raises(UserError, match="another corpus"):
+        load_index(tmp_path / "index", other)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="no fingerprint"):
+        open_index(tmp_path / "junk", small_corpus)
+
+
+def test_recall_at_k():
+    rows = np.array([[3, 1, 2], [0, 5, 4]])
+    assert recall_at(rows, np.array([1, 4]), (1, 2, 3)) == {"1": 0.0, "2": 0.5, "3": 1.0}
+
+
+def test_empty_corpus_and_question_file_without_a_column(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        load_corpus_file(tmp_path / "corpus.jsonl")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Why?"}) + "\n")
+    with pytest.raises(UserError, match="no answer column"):
+        load_questions(tmp_path / "q.jsonl")
+
+
+def _tokens(passage_lengths, frame=3, answer=2) -> ReaderTokens:
+    passages = [[10 + i] * n for i, n in enumerate(passage_lengths)]
+    return ReaderTokens(passages=passages, frames=[[7] * frame], answers=[[8] * answer], head=[], separator=[9],
+                        pad=1)
+
+
+def test_pack_is_greedy_skips_what_does_not_fit_and_puts_the_best_last():
+    tokens = _tokens([10, 30, 5, 4, 20])
+    # context 40, prompt 4: room 40 - 4 - 3 - 2 = 31; passage + separator: 11, 31, 6, 5, 21
+    packed = pack(tokens, 0, np.array([0, 1, 2, 3, 4]), context=40, prompt_length=4, max_passages=10)
+    assert packed == [0, 2, 3]               # 11 + 6 + 5 = 22; 1 (31) and 4 (21) no longer fit
+    assert pack(tokens, 0, np.array([1, 0]), 40, 4, 10) == [1]
+    assert pack(tokens, 0, np.array([0, 2, 3]), 40, 4, 2) == [0, 2]
+    enc = encode_rows(tokens, [packed])
+    assert enc.lengths[0] + 4 <= 40
+    assert enc.input_ids[0, :5].tolist() == [13] * 4 + [9]          # the worst packed passage first
+    assert enc.input_ids[0, 11:21].tolist() == [10] * 10            # the best last, before the frame
+    assert enc.target_start[0] == 25 and enc.labels[0, 25:27].tolist() == [8, 8]   # 5 + 6 + 11 + 3
+
+
+def test_a_context_too_small_for_one_passage_is_refused():
+    tokens = _tokens([10, 30])
+    assert check_budget(tokens, 40, 4) == 31
+    with pytest.raises(UserError, match="cannot hold one passage"):
+        check_budget(tokens, 39, 4)
+
+
+def test_retrieval_bench_runs_on_a_small_task(small_corpus, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_retrieval", ROOT / "bench" / "retrieval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                                  for i, t in zip(small_corpus.ids, small_corpus.texts)))
+    for split, rows in (("train", range(0, 8)), ("dev", range(8, 12)), ("test", range(12, 16))):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(
+            {"question": small_corpus.texts[i].splitlines()[0], "answer": " x", "passage_id": small_corpus.ids[i]}) + "\n"
+            for i in rows))
+    fig = bench.main(["--task-dir", str(tmp_path), "--scan-queries", "4", "--k", "20",
+                      "--output", str(tmp_path / "out.json")])
+    assert fig["top1_agrees_with_scan"] == 1.0 and fig["max_top_k_score_gap"] < 1e-4
+    assert set(fig["recall"]["test"]) == {"1", "5", "20", "100"} and fig["speedup"] > 0
+    assert json.loads((tmp_path / "out.json").read_text())["passages"] == 400
