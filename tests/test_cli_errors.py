@@ -143,6 +143,13 @@ ROWS = [
     ("jobs/extend.py", "--batch 3", ["--batch", "not a multiple of --workers 2"]),
     ("jobs/extend.py", "--method prefix", ["--method", "'neutral', 'neutral-no-l1'"]),
     ("jobs/extend.py", "--context 1000", ["--context 1000", "context of 256"]),
+    # jobs/reader.py (issue 16): each bad input before the pool starts, nothing written.
+    ("jobs/reader.py", "--corpus {blocker}", ["--corpus", "is empty", "\"id\", \"text\""]),
+    ("jobs/reader.py", "--task-dir {reader_no_answer}", ["--task-dir", "no answer column", "\"answer\": str"]),
+    ("jobs/reader.py", "--index-dir {reader_other_index}", ["--index-dir", "built from another corpus", "rebuild it"]),
+    ("jobs/reader.py", "--context 40", ["context of 40 positions cannot hold one passage", "the longest passage needs"]),
+    ("jobs/reader.py", "--context 300", ["--context 300", "context of 256"]),
+    ("jobs/reader.py", "--mode reranked", ["--mode", "'closed_book', 'retriever'"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -232,7 +239,22 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         "other_tokenizer": _other_tokenizer(tmp),
         "recursive_run": _recursive_run(tmp),
         **bad_adapter_inputs(tmp, tiny_checkpoints),
+        **_reader_inputs(tmp),
     }
+
+
+def _reader_inputs(tmp: Path) -> dict[str, Path]:
+    """An open-book task whose train split lacks the answer column, and an index of another corpus."""
+    from raydapt.data.make_openbook import default_openbook_dir
+    from raydapt.reader.retrieval import Corpus, build_index, save_index
+    task = tmp / "reader-no-answer"
+    task.mkdir()
+    for name in ("task.json", "dev.jsonl", "test.jsonl"):
+        shutil.copy(default_openbook_dir() / name, task)
+    _jsonl(task / "train.jsonl", [{"question": "Return the current file position.", "passage_id": "x"}])
+    other = Corpus(["a", "b"], ["def tell(self):\n    return self._pos", "def seek(self, n):\n    self._pos = n"])
+    save_index(build_index(other), other, tmp / "reader-other-index")
+    return {"reader_no_answer": task, "reader_other_index": tmp / "reader-other-index"}
 
 
 def _other_tokenizer(tmp: Path) -> Path:

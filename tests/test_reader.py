@@ -128,3 +128,59 @@ def test_retrieval_bench_runs_on_a_small_task(small_corpus, tmp_path):
     assert fig["top1_agrees_with_scan"] == 1.0 and fig["max_top_k_score_gap"] < 1e-4
     assert set(fig["recall"]["test"]) == {"1", "5", "20", "100"} and fig["speedup"] > 0
     assert json.loads((tmp_path / "out.json").read_text())["passages"] == 400
+
+
+@pytest.fixture(scope="module")
+def small_task(tmp_path_factory) -> Path:
+    """The shipped task cut down: 12/4/4 questions, a corpus of their gold passages and 300 others."""
+    src, out = default_openbook_dir(), tmp_path_factory.mktemp("openbook")
+    full = load_corpus_file(src / "corpus.jsonl")
+    keep, rows = set(range(300)), full.row()
+    for split, n in (("train", 12), ("dev", 4), ("test", 4)):
+        lines = (src / f"{split}.jsonl").read_text().splitlines()[:n]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        keep |= {rows[json.loads(line)["passage_id"]] for line in lines}
+    (out / "corpus.jsonl").write_text("".join(json.dumps({"id": full.ids[i], "text": full.texts[i]}) + "\n"
+                                              for i in sorted(keep)))
+    (out / "task.json").write_text((src / "task.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["closed_book", "retriever"])
+def test_reader_run_packs_trains_the_prompt_and_records_everything(small_task, tmp_path, mode):
+    from safetensors.numpy import load_file
+
+    from actors.runner import LocalRuntime
+    from raydapt.reader.config import ReaderConfig
+    from raydapt.reader.job import prepare_reader_data, run_reader_job
+
+    cfg = ReaderConfig(mode=mode, task_dir=str(small_task), index_dir=str(tmp_path / "index"), top_n=10, steps=2,
+                       eval_every=1, batch=4, local=True, output_dir=str(tmp_path / "run"), seed=3)
+    result = run_reader_job(cfg, LocalRuntime())
+    packing = result["packing"]
+    if mode == "closed_book":
+        assert packing["test_mean_passages"] == 0 and not (tmp_path / "index").exists()
+    else:
+        assert packing["test_mean_passages"] >= 1 and (tmp_path / "index" / "fingerprint.json").is_file()
+        assert set(packing["test_recall"]) == {"1", "5"}  # top_n 10: recall@20 and @100 undefined
+        assert packing["test_gold_packed"] <= (packing["test_recall"]["5"] if cfg.max_passages <= 5 else 1)
+        data, _ = prepare_reader_data(result_config(cfg, small_task))
+        assert int(data["train"].lengths.max()) + cfg.prompt_length <= 256
+    assert 0 <= result["test_exact_match"] <= 1 and result["n_test"] == 4
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in log)
+    prompt = load_file(tmp_path / "run" / "prompt.safetensors")["prompt"]
+    import torch
+    torch.manual_seed(3)
+    draw = torch.randn(8, 256).numpy()  # the prompt started at this draw times a scale; two Adam steps moved it
+    scale = float((prompt * draw).sum() / (draw * draw).sum())
+    moved = np.linalg.norm(prompt - scale * draw) / np.linalg.norm(prompt)
+    assert prompt.shape == (8, 256) and scale > 0 and 1e-3 < moved < 0.9
+    assert (tmp_path / "run" / "curve.png").is_file() and (tmp_path / "run" / "result.json").is_file()
+
+
+def result_config(cfg, task_dir):
+    import dataclasses
+
+    from raydapt.defaults import default_model_dir
+    return dataclasses.replace(cfg, model=str(default_model_dir("large")), corpus=str(task_dir / "corpus.jsonl"))
