@@ -51,6 +51,8 @@ RUNS = {  # name: (job, extra flags)
     **{f"extend-{m}": ("extend", ["--method", m]) for m in
        ("neutral", "neutral-no-l1", "neutral-sigmoid", "neutral-he", "adapter", "lora", "full")},
     "extend-full-lr5e-4": ("extend", ["--method", "full", "--lr", "0.0005"]),
+    # Frozen readers (issue 16): the same soft prompt and reader, three inputs.
+    **{f"reader-{m}": ("reader", ["--mode", m]) for m in ("closed_book", "retriever", "reranker")},
 }
 NEEDS_RAY = ("comblm", "extend")  # Ray Train and Ray tasks: --local does not apply
 
@@ -88,6 +90,11 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.extend.job import run_extend_job
         # The runtime factory: Ray starts once the inputs are checked, as in jobs/extend.py.
         run_extend_job(parse_args(ExtendConfig, argv, presets={"quick": QUICK}), RayRuntime)
+    elif job == "reader":
+        from raydapt.reader.config import QUICK, ReaderConfig
+        from raydapt.reader.job import run_reader_job
+        cfg = parse_args(ReaderConfig, argv, presets={"quick": QUICK})
+        run_reader_job(cfg, runtime_for(cfg.local))
     else:
         from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
         run_gradient_job(parse_args(GradientConfig, argv))

@@ -149,7 +149,9 @@ ROWS = [
     ("jobs/reader.py", "--index-dir {reader_other_index}", ["--index-dir", "built from another corpus", "rebuild it"]),
     ("jobs/reader.py", "--context 40", ["context of 40 positions cannot hold one passage", "the longest passage needs"]),
     ("jobs/reader.py", "--context 300", ["--context 300", "context of 256"]),
-    ("jobs/reader.py", "--mode reranked", ["--mode", "'closed_book', 'retriever'"]),
+    ("jobs/reader.py", "--mode reranked", ["--mode", "'closed_book', 'retriever', 'reranker'"]),
+    ("jobs/reader.py", "--fault-injection kill-worker:after-steps=2", ["--fault-injection", "needs --mode reranker"]),
+    ("jobs/reader.py", "--mode reranker --reranker-batch 3", ["--reranker-batch", "not a multiple of --reranker-workers 2"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",

@@ -13,6 +13,7 @@ from raydapt.data.make_openbook import default_openbook_dir, functions, _questio
 from raydapt.errors import UserError
 from raydapt.reader.data import load_questions
 from raydapt.reader.packing import ReaderTokens, check_budget, encode_rows, pack
+from raydapt.reader.reranker import PairTokens, Reranker, group_loss, pair_batch, rerank, standardise, training_groups
 from raydapt.reader.retrieval import (BruteForceBM25, Corpus, build_index, load_corpus_file, load_index, open_index,
                                       recall_at, retrieve, words)
 
@@ -184,3 +185,63 @@ def result_config(cfg, task_dir):
 
     from raydapt.defaults import default_model_dir
     return dataclasses.replace(cfg, model=str(default_model_dir("large")), corpus=str(task_dir / "corpus.jsonl"))
+
+
+def _fake_scores(candidates: np.ndarray) -> np.ndarray:
+    return np.linspace(5, 1, candidates.shape[1])[None].repeat(len(candidates), 0).astype(np.float32)
+
+
+def test_training_groups_put_gold_first_and_the_best_wrong_passages_after():
+    candidates = np.array([[4, 7, 2, 9], [1, 3, 5, 6]])
+    rows, bm25 = training_groups(candidates, _fake_scores(candidates), np.array([7, 8]), negatives=2)
+    assert rows.tolist() == [[7, 4, 2], [8, 1, 3]]
+    z = standardise(_fake_scores(candidates))
+    assert bm25[0].tolist() == [z[0, 1], z[0, 0], z[0, 2]]
+    assert bm25[1, 0] == z[1].min()  # the retriever missed 8: it gets the lowest score of the top-N
+
+
+def test_untrained_reranker_keeps_the_bm25_order_and_learns_from_its_loss(small_corpus):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raydapt.defaults import default_model_dir
+
+    lm = AutoModelForCausalLM.from_pretrained(default_model_dir("small"), dtype=torch.float32)
+    model = Reranker(lm)
+    tokens = PairTokens(questions=[[5, 6, 7], [8, 9]], passages=[[10 + i, 11 + i] for i in range(6)], join=[3], pad=1)
+    candidates = np.array([[0, 1, 2, 3], [5, 4, 3, 2]])
+    scores = np.array([[9.0, 4.0, 3.0, 1.0], [7.0, 6.5, 2.0, 0.5]], np.float32)
+    order, _ = rerank(model, tokens, candidates, scores)
+    assert (order == candidates).all()  # head at zero, BM25 weight one: BM25's order
+    rows, bm25 = training_groups(candidates, scores, np.array([2, 3]), negatives=3)
+    model.train()
+    loss = group_loss(model, tokens, np.array([0, 1]), rows, bm25)
+    loss.backward()
+    assert model.head.weight.grad.abs().sum() > 0 and model.bm25_weight.grad != 0
+    ids, lengths = pair_batch(tokens, np.array([0, 1]), np.array([4, 5]))
+    assert ids.tolist() == [[5, 6, 7, 3, 14, 15], [8, 9, 3, 15, 16, 1]] and lengths.tolist() == [6, 5]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_reranker_training_survives_a_killed_worker_with_the_same_result(ray_cluster, small_task, tmp_path):
+    """Two Ray Train workers, 6 steps, a checkpoint every 2: the last rank dies at step 3 and the run
+    ends with the losses and weights of an undisturbed one."""
+    from actors.reranker_trainer import train_reranker
+    from raydapt.reader.config import ReaderConfig
+    from raydapt.reader.job import _resolve, check_and_retrieve
+    from raydapt.reader.rerank_run import reranker_config
+
+    cfg = _resolve(ReaderConfig(mode="reranker", task_dir=str(small_task), index_dir=str(tmp_path / "index"),
+                                top_n=10, negatives=3, reranker_steps=6, reranker_batch=4, checkpoint_every=2,
+                                seed=2))
+    got = check_and_retrieve(cfg)
+    runs = {}
+    for name, kill in (("clean", None), ("killed", 3)):
+        runs[name] = train_reranker(cfg, reranker_config(cfg, got, kill), str(tmp_path / name),
+                                    str(tmp_path / f"{name}-marker"))
+    assert (tmp_path / "killed-marker").exists() and not (tmp_path / "clean-marker").exists()
+    assert runs["killed"]["losses"] == runs["clean"]["losses"] and len(runs["clean"]["losses"]) == 6
+    for key, value in runs["clean"]["state"].items():
+        assert (runs["killed"]["state"][key] == value).all(), key
+    assert runs["clean"]["state"]["bm25_weight"].item() != 1.0  # it trained

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,10 +31,12 @@ from raydapt.outputs import read_jsonl, save_tensors, write_result
 from raydapt.reader.config import RESULT_NEUTRAL_FIELDS
 from raydapt.reader.data import load_questions, load_task_info
 from raydapt.reader.packing import check_budget, encode_rows, pack, tokenize_reader
+from raydapt.comblm.config import parse_fault
+from raydapt.reader.rerank_run import rerank_splits
 from raydapt.reader.retrieval import fingerprint, load_corpus_file, open_index, recall_at, retrieve
 from raydapt.serving import Runtime, pin_coordinator_threads
 
-__all__ = ["run_reader_job", "prepare_reader_data"]
+__all__ = ["run_reader_job", "check_and_retrieve", "pack_splits", "prepare_reader_data", "Retrieved"]
 
 SPLITS = ("train", "dev", "test")
 TASK = SimpleNamespace(names=["openbook"], kinds=["generation"])  # what idpt's loop and scoring read
@@ -42,11 +45,24 @@ TASK = SimpleNamespace(names=["openbook"], kinds=["generation"])  # what idpt's 
 def _resolve(cfg):
     task_dir = cfg.task_dir or str(default_openbook_dir())
     return dataclasses.replace(cfg, model=cfg.model or str(default_model_dir("large")), task_dir=task_dir,
+                               reranker_model=cfg.reranker_model or str(default_model_dir("small")),
                                corpus=cfg.corpus or str(Path(task_dir) / "corpus.jsonl"))
 
 
-def prepare_reader_data(cfg) -> tuple[dict, dict]:
-    """Every input check, then the encoded reader rows of each split and what packing did.
+@dataclass
+class Retrieved:
+    """What packing needs, computed (and every input checked) before any worker starts."""
+    tokens: dict            # split -> ReaderTokens
+    candidates: dict        # split -> (Q, N) passage rows, best first (absent: closed book)
+    scores: dict            # split -> (Q, N) their retriever scores
+    gold: dict              # split -> (Q,) gold passage rows (-1: unknown), or None
+    context: int
+    report: dict
+    tokenizer: object
+
+
+def check_and_retrieve(cfg) -> Retrieved:
+    """Every input check, then each split's top-N passages (none for closed book).
 
     Reads only; an index is built (and saved) when `--index-dir` holds none."""
     try:
@@ -59,6 +75,9 @@ def prepare_reader_data(cfg) -> tuple[dict, dict]:
     except UserError as e:
         raise UserError(f"--corpus: {e}")
     tokenizer = load_tokenizer(cfg.model, "model")
+    if cfg.mode == "reranker" and load_tokenizer(cfg.reranker_model, "reranker_model").get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"--reranker-model {cfg.reranker_model}: its tokenizer differs from --model's; the re-ranker "
+                        "reads the reader's token ids, so give a small LM trained with the large LM's tokenizer")
     positions = model_info(cfg.model).max_positions
     context = cfg.context or positions
     if context > positions:
@@ -67,37 +86,62 @@ def prepare_reader_data(cfg) -> tuple[dict, dict]:
                                  cfg.max_question_tokens) for s, q in splits.items()}
     for t in tokens.values():
         check_budget(t, context, cfg.prompt_length)
+    row = corpus.row()
+    gold = {s: (np.array([row.get(p, -1) for p in q.passage_ids]) if all(q.passage_ids) else None)
+            for s, q in splits.items()}
+    if cfg.mode == "reranker" and gold["train"] is None:
+        raise UserError("--mode reranker: the train split needs a passage_id column (the re-ranker's positives)")
     index_dir = cfg.index_dir or str(raydapt_home() / "indexes" / fingerprint(corpus)[:16])
     try:
         index = open_index(index_dir, corpus)[0] if cfg.mode != "closed_book" else None
     except UserError as e:
         raise UserError(f"--index-dir: {e}")
-    data, report = {}, {"context": context, "index_dir": index_dir if index else "", "passages": len(corpus.ids)}
-    row = corpus.row()
+    report = {"context": context, "index_dir": index_dir if index else "", "passages": len(corpus.ids)}
+    candidates, scores = {}, {}
     for s, q in splits.items():
-        if index is None:
-            packed = [[] for _ in q.questions]
-        else:
-            candidates, _ = retrieve(index, q.questions, min(cfg.top_n, len(corpus.ids)))
-            packed = [pack(tokens[s], i, c, context, cfg.prompt_length, cfg.max_passages)
-                      for i, c in enumerate(candidates)]
-            if all(p is not None for p in q.passage_ids):
-                gold = np.array([row.get(p, -1) for p in q.passage_ids])
-                report[f"{s}_recall"] = recall_at(candidates, gold, (1, 5, 20, 100))
-                report[f"{s}_gold_packed"] = float(np.mean([g in p for g, p in zip(gold, packed)]))
-        data[s] = encode_rows(tokens[s], packed)
+        if index is not None:
+            candidates[s], scores[s] = retrieve(index, q.questions, min(cfg.top_n, len(corpus.ids)))
+            if gold[s] is not None:
+                report[f"{s}_recall"] = recall_at(candidates[s], gold[s], (1, 5, 20, 100))
+    return Retrieved(tokens, candidates, scores, gold, context, report, tokenizer)
+
+
+def pack_splits(cfg, got: Retrieved, order: dict | None = None) -> tuple[dict, dict]:
+    """Each split's reader rows, passages packed in `order` (default: the retriever's), and a report."""
+    order = order if order is not None else got.candidates
+    data, report = {}, dict(got.report)
+    for s, tokens in got.tokens.items():
+        n = len(tokens.frames)
+        packed = ([pack(tokens, i, c, got.context, cfg.prompt_length, cfg.max_passages) for i, c in enumerate(order[s])]
+                  if s in order else [[] for _ in range(n)])
+        if s in order and got.gold[s] is not None:
+            report[f"{s}_gold_packed"] = float(np.mean([g in p for g, p in zip(got.gold[s], packed)]))
+        data[s] = encode_rows(tokens, packed)
         report[f"{s}_mean_passages"] = float(np.mean([len(p) for p in packed]))
         report[f"{s}_mean_tokens"] = float(data[s].lengths.mean())
     return data, report
+
+
+def prepare_reader_data(cfg) -> tuple[dict, dict]:
+    """Reader rows with passages in the retriever's order (closed book: none)."""
+    return pack_splits(cfg, check_and_retrieve(cfg))
 
 
 def run_reader_job(cfg, runtime: Runtime) -> dict:
     started = time.perf_counter()
     pin_coordinator_threads()
     cfg = _resolve(cfg)
-    spec, fault = graybox_pool_spec(cfg)
-    data, packing = prepare_reader_data(cfg)  # every input check before a worker starts
+    kill_worker = cfg.fault_injection.startswith("kill-worker")
+    spec, fault = graybox_pool_spec(dataclasses.replace(cfg, fault_injection="") if kill_worker else cfg)
+    kill_after = parse_fault(cfg.fault_injection) if kill_worker else None
+    got = check_and_retrieve(cfg)  # every input check before a worker starts
     out, resuming = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
+    order, reranker = None, None
+    if cfg.mode == "reranker":
+        order, reranker = rerank_splits(cfg, got, runtime, out, kill_after)
+    data, packing = pack_splits(cfg, got, order)
+    if reranker:
+        packing["reranker"] = reranker
     pool = runtime.open_pool(spec, fault)
     try:
         frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
