@@ -51,8 +51,9 @@ RUNS = {  # name: (job, extra flags)
     **{f"extend-{m}": ("extend", ["--method", m]) for m in
        ("neutral", "neutral-no-l1", "neutral-sigmoid", "neutral-he", "adapter", "lora", "full")},
     "extend-full-lr5e-4": ("extend", ["--method", "full", "--lr", "0.0005"]),
-    # Frozen readers (issue 16): the same soft prompt and reader, three inputs.
-    **{f"reader-{m}": ("reader", ["--mode", m]) for m in ("closed_book", "retriever", "reranker")},
+    # Frozen readers (issue 16): the same soft prompt and reader, three inputs; and the white-box reference,
+    # the small LM fine-tuned as the reader on the re-ranker's packed rows.
+    **{f"reader-{m}": ("reader", ["--mode", m]) for m in ("closed_book", "retriever", "reranker", "white_box")},
 }
 NEEDS_RAY = ("comblm", "extend")  # Ray Train and Ray tasks: --local does not apply
 

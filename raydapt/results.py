@@ -183,7 +183,8 @@ def _idpt_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
 
 READER_RUNS = (("reader-closed_book", "closed book (question alone)"),
                ("reader-retriever", "BM25 top passages, packed in retrieval order"),
-               ("reader-reranker", "the same passages re-ranked by the trained cross-encoder"))
+               ("reader-reranker", "the same passages re-ranked by the trained cross-encoder"),
+               ("reader-white_box", "white-box reference: the small LM fine-tuned on the re-ranked rows"))
 
 
 def _reader_recall(r: dict, k: str) -> float | None:

@@ -245,3 +245,29 @@ def test_reranker_training_survives_a_killed_worker_with_the_same_result(ray_clu
     for key, value in runs["clean"]["state"].items():
         assert (runs["killed"]["state"][key] == value).all(), key
     assert runs["clean"]["state"]["bm25_weight"].item() != 1.0  # it trained
+
+
+def test_white_box_reader_answers_like_the_hugging_face_model_and_trains_its_weights():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raydapt.defaults import default_model_dir
+    from raydapt.reader.white_box import WhiteBoxLM, WhiteBoxReader
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(default_model_dir("small"), dtype=torch.float32)
+    module = WhiteBoxReader(lm, 3)
+    frozen = WhiteBoxLM(module)
+    ids = np.array([[5, 6, 7, 8, 9], [10, 11, 12, 1, 1]])
+    lengths = np.array([5, 3])
+    prompt = module(torch.from_numpy(ids), torch.from_numpy(lengths))
+    labels = np.where(np.arange(5)[None] >= 3, ids, -100)
+    out = frozen(ids, lengths, labels, prompt=prompt, positions=np.array([[6, 7], [4, 5]]))
+    with torch.no_grad():  # the first row alone, no padding: Hugging Face's own forward and loss
+        x = torch.cat([module.prompt, lm.get_input_embeddings()(torch.from_numpy(ids[0]))])[None]
+        reference = lm(inputs_embeds=x).logits[0]
+        nll = torch.nn.functional.cross_entropy(reference[5:7], torch.from_numpy(ids[0, 3:5]), reduction="sum")
+    torch.testing.assert_close(out["logits"][0].detach(), reference[[6, 7]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"][0].detach(), nll, rtol=1e-5, atol=1e-5)
+    out["loss"].sum().backward()
+    assert lm.get_input_embeddings().weight.grad.abs().sum() > 0 and module.prompt.grad.abs().sum() > 0

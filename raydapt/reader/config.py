@@ -10,7 +10,7 @@ __all__ = ["ReaderConfig", "QUICK", "RESULT_NEUTRAL_FIELDS", "MODES"]
 # Where and how a run executes, never its numbers.
 RESULT_NEUTRAL_FIELDS = ("resume", "output_dir", "replicas", "stages", "cpus_per_stage", "local", "log_every",
                          "fault_injection", "recompute", "index_dir")
-MODES = ("closed_book", "retriever", "reranker")
+MODES = ("closed_book", "retriever", "reranker", "white_box")
 
 
 @dataclass
@@ -18,7 +18,8 @@ class ReaderConfig:
     """A soft prompt for the frozen large LM reading packed passages (or none: closed book), tuned
     through the gray-box pipeline on the open-book task."""
     mode: str = field("retriever", "closed_book: the question alone; retriever: BM25's top passages packed in "
-                      "retrieval order; reranker: the same passages re-ordered by a trained cross-encoder", choices=MODES)
+                      "retrieval order; reranker: the same passages re-ordered by a trained cross-encoder; white_box: the "
+                      "reference, the small LM fine-tuned as the reader on the reranker's packed rows", choices=MODES)
     seed: int = field(42, "seed of the prompt's initialisation and the batch order")
     model: str = field("", "checkpoint dir of the frozen large LM (default: the built large LM)")
     task_dir: str = field("", "open-book task directory (task.json, train/dev/test.jsonl; default: the built-in one)")
@@ -40,6 +41,7 @@ class ReaderConfig:
     steps: int = field(300, "Adam steps")
     batch: int = field(16, "training questions per step")
     lr: float = field(0.01, "Adam learning rate")
+    white_box_lr: float = field(0.001, "Adam learning rate of the white-box reference (every small-LM weight)")
     eval_every: int = field(50, "score dev every this many steps (and checkpoint)")
     micro_batch: int = field(8, "rows per micro-batch (fixed: results do not depend on replicas/stages)")
     recompute: bool = field(False, "stages keep no activations between forward and backward (rebuild them)")
@@ -48,7 +50,7 @@ class ReaderConfig:
     cpus_per_stage: float = field(1.0, "CPUs per stage actor")
     local: bool = field(False, "serve the model in this process instead of Ray actors")
     fault_injection: str = field("", "kill-stage:after-calls=N[,stage=S][,replica=R]: kill a stage actor mid-run; "
-                                 "kill-worker:after-steps=N: kill a re-ranker Ray Train worker at step N (--mode reranker)")
+                                 "kill-worker:after-steps=N: kill a re-ranker Ray Train worker at step N (--mode reranker or white_box)")
     output_dir: str = field("runs/reader", "where result.json, the prompt, the log and the checkpoint go")
     resume: bool = field(False, "continue the run in --output-dir from its last checkpoint")
     log_every: int = field(25, "print a summary line above the progress bar every this many steps")
@@ -63,10 +65,11 @@ class ReaderConfig:
         check(self.context >= 0, "context", f"must be >= 0 (0: the model's context), got {self.context}")
         check_positive(self.lr, "lr")
         check_positive(self.reranker_lr, "reranker_lr")
+        check_positive(self.white_box_lr, "white_box_lr")
         check(self.reranker_batch % self.reranker_workers == 0, "reranker_batch",
               f"{self.reranker_batch} is not a multiple of --reranker-workers {self.reranker_workers}")
         if self.fault_injection.startswith("kill-worker"):
-            check(self.mode == "reranker", "fault_injection", "kill-worker kills a re-ranker worker: it needs "
+            check(self.mode in ("reranker", "white_box"), "fault_injection", "kill-worker kills a re-ranker worker: it needs "
                   "--mode reranker (kill-stage:... kills a stage of the reader)")
         check_positive(self.cpus_per_stage, "cpus_per_stage")
 

@@ -75,7 +75,7 @@ def check_and_retrieve(cfg) -> Retrieved:
     except UserError as e:
         raise UserError(f"--corpus: {e}")
     tokenizer = load_tokenizer(cfg.model, "model")
-    if cfg.mode == "reranker" and load_tokenizer(cfg.reranker_model, "reranker_model").get_vocab() != tokenizer.get_vocab():
+    if cfg.mode in ("reranker", "white_box") and load_tokenizer(cfg.reranker_model, "reranker_model").get_vocab() != tokenizer.get_vocab():
         raise UserError(f"--reranker-model {cfg.reranker_model}: its tokenizer differs from --model's; the re-ranker "
                         "reads the reader's token ids, so give a small LM trained with the large LM's tokenizer")
     positions = model_info(cfg.model).max_positions
@@ -89,8 +89,8 @@ def check_and_retrieve(cfg) -> Retrieved:
     row = corpus.row()
     gold = {s: (np.array([row.get(p, -1) for p in q.passage_ids]) if all(q.passage_ids) else None)
             for s, q in splits.items()}
-    if cfg.mode == "reranker" and gold["train"] is None:
-        raise UserError("--mode reranker: the train split needs a passage_id column (the re-ranker's positives)")
+    if cfg.mode in ("reranker", "white_box") and gold["train"] is None:
+        raise UserError(f"--mode {cfg.mode}: the train split needs a passage_id column (the re-ranker's positives)")
     index_dir = cfg.index_dir or str(raydapt_home() / "indexes" / fingerprint(corpus)[:16])
     try:
         index = open_index(index_dir, corpus)[0] if cfg.mode != "closed_book" else None
@@ -137,17 +137,26 @@ def run_reader_job(cfg, runtime: Runtime) -> dict:
     got = check_and_retrieve(cfg)  # every input check before a worker starts
     out, resuming = prepare_output_dir(cfg, RESULT_NEUTRAL_FIELDS)
     order, reranker = None, None
-    if cfg.mode == "reranker":
+    if cfg.mode in ("reranker", "white_box"):
         order, reranker = rerank_splits(cfg, got, runtime, out, kill_after)
     data, packing = pack_splits(cfg, got, order)
     if reranker:
         packing["reranker"] = reranker
-    pool = runtime.open_pool(spec, fault)
+    pool = runtime.open_pool(spec, fault) if cfg.mode != "white_box" else None
     try:
-        frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
         torch.manual_seed(cfg.seed)
-        module = StaticPrompt(cfg.prompt_length, frozen.oracle.info.embed_dim, embedding_std)
-        opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+        if pool is None:  # the white-box reference: the small LM itself learns, in this process
+            from transformers import AutoModelForCausalLM
+
+            from raydapt.reader.white_box import WhiteBoxLM, WhiteBoxReader
+            lm = AutoModelForCausalLM.from_pretrained(cfg.reranker_model, dtype=torch.float32, use_safetensors=True)
+            module = WhiteBoxReader(lm, cfg.prompt_length)
+            frozen = WhiteBoxLM(module)
+            opt = torch.optim.Adam(module.parameters(), lr=cfg.white_box_lr)
+        else:
+            frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
+            module = StaticPrompt(cfg.prompt_length, frozen.oracle.info.embed_dim, embedding_std)
+            opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
         step = idpt._restore(out, module, opt) if resuming else 0
         reporter = runtime.trainer_reporter(f"{Path(out).parent.name}/{Path(out).name}")
         idpt._train(cfg, out, frozen, module, opt, data, TASK, step, reporter)
@@ -158,7 +167,8 @@ def run_reader_job(cfg, runtime: Runtime) -> dict:
         write_result(out, result)
         return result
     finally:
-        runtime.close_pool(pool)
+        if pool is not None:
+            runtime.close_pool(pool)
 
 
 def _finish(cfg, out: Path, frozen, module, data: dict, packing: dict, started: float) -> dict:
@@ -170,6 +180,6 @@ def _finish(cfg, out: Path, frozen, module, data: dict, packing: dict, started: 
     idpt._plot(out / "curve.png", log, f"frozen reader ({cfg.mode}), seed {cfg.seed}")
     return {"method": "reader", "mode": cfg.mode, "seed": cfg.seed, "test_exact_match": test,
             "dev_exact_match": log[-1]["dev_average"], "final_train_loss": log[-1]["train_loss"],
-            "packing": packing, "trainable_parameters": int(module.prompt.numel()),
+            "packing": packing, "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "n_train": len(data["train"].lengths), "n_dev": len(data["dev"].lengths),
             "n_test": len(data["test"].lengths), "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg)}
