@@ -271,3 +271,20 @@ def test_white_box_reader_answers_like_the_hugging_face_model_and_trains_its_wei
     torch.testing.assert_close(out["loss"][0].detach(), nll, rtol=1e-5, atol=1e-5)
     out["loss"].sum().backward()
     assert lm.get_input_embeddings().weight.grad.abs().sum() > 0 and module.prompt.grad.abs().sum() > 0
+
+
+def test_results_section_pairs_the_seeds():
+    from raydapt.results import _reader_section
+
+    def run(name, seed, em, recall=None):
+        packing = {"test_mean_passages": 6.0, "test_mean_tokens": 237.0, "test_gold_packed": 0.3}
+        if recall is not None:
+            packing["test_recall"] = {"1": recall, "5": 0.5}
+        return {"_name": name, "seed": seed, "test_exact_match": em, "dev_exact_match": em, "packing": packing,
+                "oracle_usage": {"forward_tokens": 1000}, "wall_time_s": 10.0}
+    rows = {"reader-retriever": [run("reader-retriever", s, em, 0.2) for s, em in ((1, 0.10), (2, 0.20))],
+            "reader-closed_book": [run("reader-closed_book", s, em) for s, em in ((1, 0.0), (2, 0.05))]}
+    text = "\n".join(_reader_section("quick", rows))
+    assert "| BM25 top passages, packed in retrieval order | 1, 2 | 15.00 ± 7.07 |" in text
+    assert "- reader-retriever − reader-closed_book: 12.50 ± 3.54 exact-match points (2 seeds)" in text
+    assert "reader-reranker −" not in text
