@@ -222,7 +222,9 @@ def _reader_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
                      f"{_mean_std([r['wall_time_s'] for r in rs], scale=1, digits=0)} |")
     lines += ["", "What the context costs: \"reader tokens\" is the mean length of a test row (soft prompt not counted), "
               "\"gray-box tokens served\" the forward tokens the frozen LM's stages served over the whole run "
-              "(training and scoring), and a gray-box step's time grows with them.", "",
+              "(training and scoring; for the white-box reference, the tokens through the small LM itself), and a "
+              "gray-box step's time grows with them. The re-ranker's recall is the same in the re-ranker and "
+              "white-box rows: the same seed trains the same re-ranker.", "",
               "Paired by seed (a difference whose ± covers 0 is noise):", ""]
     for better, worse in (("reader-reranker", "reader-retriever"), ("reader-retriever", "reader-closed_book")):
         pairs = {r["seed"]: r for r in rows.get(worse, [])}
