@@ -33,7 +33,7 @@ from raydapt.reader.data import load_questions, load_task_info
 from raydapt.reader.packing import check_budget, encode_rows, pack, tokenize_reader
 from raydapt.comblm.config import parse_fault
 from raydapt.reader.rerank_run import rerank_splits
-from raydapt.reader.retrieval import fingerprint, load_corpus_file, open_index, recall_at, retrieve
+from raydapt.reader.retrieval import check_index, fingerprint, load_corpus_file, open_index, recall_at, retrieve
 from raydapt.serving import Runtime, pin_coordinator_threads
 
 __all__ = ["run_reader_job", "check_and_retrieve", "pack_splits", "prepare_reader_data", "Retrieved"]
@@ -82,7 +82,14 @@ def check_and_retrieve(cfg) -> Retrieved:
     context = cfg.context or positions
     if context > positions:
         raise UserError(f"--context {context} exceeds the model's context of {positions} positions")
-    tokens = {s: tokenize_reader(tokenizer, info["template"], info["end_token"], corpus.texts, q.questions, q.answers,
+    index_dir = cfg.index_dir or str(raydapt_home() / "indexes" / fingerprint(corpus)[:16])
+    if cfg.mode != "closed_book" and (Path(index_dir) / "fingerprint.json").is_file():
+        try:  # an index of another corpus is refused before the slow part (tokenizing the corpus)
+            check_index(index_dir, corpus)
+        except UserError as e:
+            raise UserError(f"--index-dir: {e}")
+    passages = tokenize_reader(tokenizer, info["template"], info["end_token"], corpus.texts, [], [], 1).passages
+    tokens = {s: tokenize_reader(tokenizer, info["template"], info["end_token"], passages, q.questions, q.answers,
                                  cfg.max_question_tokens) for s, q in splits.items()}
     for t in tokens.values():
         check_budget(t, context, cfg.prompt_length)
@@ -91,7 +98,6 @@ def check_and_retrieve(cfg) -> Retrieved:
             for s, q in splits.items()}
     if cfg.mode in ("reranker", "white_box") and gold["train"] is None:
         raise UserError(f"--mode {cfg.mode}: the train split needs a passage_id column (the re-ranker's positives)")
-    index_dir = cfg.index_dir or str(raydapt_home() / "indexes" / fingerprint(corpus)[:16])
     try:
         index = open_index(index_dir, corpus)[0] if cfg.mode != "closed_book" else None
     except UserError as e:

@@ -46,8 +46,9 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def tokenize_reader(tokenizer, template: str, end_token: str, passages: list[str], questions: list[str],
-                    answers: list[str], max_question_tokens: int) -> ReaderTokens:
+def tokenize_reader(tokenizer, template: str, end_token: str, passages: list[str] | list[list[int]],
+                    questions: list[str], answers: list[str], max_question_tokens: int) -> ReaderTokens:
+    """`passages` as texts, or as token ids already (the corpus is tokenized once for every split)."""
     head, tail = template.split("{passages}")
     frames = []
     for q in _ids(tokenizer, questions):  # the question keeps its first max_question_tokens tokens
@@ -57,7 +58,8 @@ def tokenize_reader(tokenizer, template: str, end_token: str, passages: list[str
     pre, post = _ids(tokenizer, [before, after]) if after else (_ids(tokenizer, [before])[0], [])
     frames = [pre + q + post for q in _ids(tokenizer, frames)]
     end = _ids(tokenizer, [end_token])[0]
-    return ReaderTokens(passages=_ids(tokenizer, passages), frames=frames,
+    passage_ids = passages if passages and not isinstance(passages[0], str) else _ids(tokenizer, passages)
+    return ReaderTokens(passages=passage_ids, frames=frames,
                         answers=[a + end for a in _ids(tokenizer, answers)], head=_ids(tokenizer, [head])[0] if head else [],
                         separator=_ids(tokenizer, [SEPARATOR])[0], pad=tokenizer.pad_token_id)
 

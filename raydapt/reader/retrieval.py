@@ -22,7 +22,7 @@ import numpy as np
 from raydapt.errors import UserError
 
 __all__ = ["WORDS_VERSION", "Corpus", "load_corpus_file", "words", "fingerprint", "build_index", "save_index",
-           "load_index", "open_index", "BruteForceBM25", "retrieve", "recall_at"]
+           "check_index", "load_index", "open_index", "BruteForceBM25", "retrieve", "recall_at"]
 
 WORDS_VERSION = "words-v1"
 _WORD = re.compile(r"[A-Za-z][a-z]+|[A-Z]+(?![a-z])|[a-z]|\d+")
@@ -93,10 +93,8 @@ def save_index(index, corpus: Corpus, directory: str | Path) -> None:
         {"corpus_sha256": fingerprint(corpus), "passages": len(corpus.ids), "words": WORDS_VERSION}) + "\n")
 
 
-def load_index(directory: str | Path, corpus: Corpus):
-    """The index saved in `directory`, refused unless it was built from `corpus`."""
-    import bm25s
-
+def check_index(directory: str | Path, corpus: Corpus) -> None:
+    """Refuse the index saved in `directory` unless it was built from `corpus` (its fingerprint file only)."""
     directory = Path(directory)
     meta = directory / "fingerprint.json"
     if not meta.is_file():
@@ -107,6 +105,13 @@ def load_index(directory: str | Path, corpus: Corpus):
         raise UserError(f"index {directory} was built from another corpus ({saved.get('passages')} passages, "
                         f"sha256 {str(saved.get('corpus_sha256'))[:12]}...) than the one given "
                         f"({len(corpus.ids)} passages, sha256 {want[:12]}...); rebuild it or give its corpus")
+
+
+def load_index(directory: str | Path, corpus: Corpus):
+    """The index saved in `directory`, refused unless it was built from `corpus`."""
+    import bm25s
+
+    check_index(directory, corpus)
     return bm25s.BM25.load(str(directory))
 
 
