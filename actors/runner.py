@@ -35,6 +35,10 @@ class _TrainRuns:
         from actors.mltd_trainer import meta_train
         return meta_train(cfg, cfg_dict, tasks, storage, fault_marker)
 
+    def train_reranker(self, cfg, config: dict, storage: str, fault_marker: str) -> dict:
+        from actors.reranker_trainer import train_reranker
+        return train_reranker(cfg, config, storage, fault_marker)
+
     def fit_combiners(self, jobs, fits, tests, options, workers: int, storage: str) -> dict:
         from actors.combiner_trainer import fit_combiners_on_train
         return fit_combiners_on_train(jobs, fits, tests, options, workers, storage)

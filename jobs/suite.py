@@ -59,6 +59,9 @@ RUNS = {  # name: (job, extra flags)
     **{f"mltd-lowdata-{m}-{n}": ("mltd", ["--method", m, "--train-sequences", str(n), "--adapt-steps", str(n // 2),
                                           "--meta-test-domains", "pydoc"])
        for m in ("tarp", "lora", "full") for n in (50, 100, 200, 500)},
+    # Frozen readers (issue 16): the same soft prompt and reader, three inputs; and the white-box reference,
+    # the small LM fine-tuned as the reader on the re-ranker's packed rows.
+    **{f"reader-{m}": ("reader", ["--mode", m]) for m in ("closed_book", "retriever", "reranker", "white_box")},
 }
 NEEDS_RAY = ("comblm", "extend", "mltd")  # Ray Train and Ray tasks: --local does not apply
 
@@ -100,6 +103,11 @@ def run(job: str, argv: list[str]) -> None:
         from raydapt.mltd.config import QUICK, MLtDConfig
         from raydapt.mltd.job import run_mltd_job
         run_mltd_job(parse_args(MLtDConfig, argv, presets={"quick": QUICK}), RayRuntime)
+    elif job == "reader":
+        from raydapt.reader.config import QUICK, ReaderConfig
+        from raydapt.reader.job import run_reader_job
+        cfg = parse_args(ReaderConfig, argv, presets={"quick": QUICK})
+        run_reader_job(cfg, runtime_for(cfg.local))
     else:
         from raydapt.bbt.gradient_job import GradientConfig, run_gradient_job
         run_gradient_job(parse_args(GradientConfig, argv))

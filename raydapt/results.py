@@ -181,6 +181,60 @@ def _idpt_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+READER_RUNS = (("reader-closed_book", "closed book (question alone)"),
+               ("reader-retriever", "BM25 top passages, packed in retrieval order"),
+               ("reader-reranker", "the same passages re-ranked by the trained cross-encoder"),
+               ("reader-white_box", "white-box reference: the small LM fine-tuned on the re-ranked rows"))
+
+
+def _reader_recall(r: dict, k: str) -> float | None:
+    packing = r["packing"]
+    recall = packing.get("reranker", {}).get("test_recall") or packing.get("test_recall")
+    return None if recall is None or k not in recall else recall[k]
+
+
+def _reader_section(preset: str, rows: dict[str, list[dict]]) -> list[str]:
+    """Frozen readers: test exact match of each input (mean ± std over seeds), what packing put in, and
+    the paired differences the paper's ordering is about."""
+    if not any(rows.get(name) for name, _ in READER_RUNS):
+        return []
+    lines = [f"## Frozen readers, `{preset}` preset", "",
+             "Test exact match in % on the open-book task (question: a docstring summary; answer: the function's "
+             "name), the frozen large LM reading through a soft prompt tuned by the gray-box pipeline; recall in % "
+             "of the order passages are packed in; \"gold packed\": the share of questions whose gold passage "
+             "made it into the reader's 256 positions.", "",
+             "| input | seeds | test exact match | dev exact match | recall@1 | recall@5 | gold packed | passages "
+             "packed | reader tokens | gray-box tokens served | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, label in READER_RUNS:
+        rs = rows.get(name, [])
+        if not rs:
+            continue
+        def values(key):
+            return [v for v in (key(r) for r in rs) if v is not None]
+        lines.append(f"| {label} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{_mean_std([r['test_exact_match'] for r in rs])} | {_mean_std([r['dev_exact_match'] for r in rs])} | "
+                     f"{_mean_std(values(lambda r: _reader_recall(r, '1')))} | "
+                     f"{_mean_std(values(lambda r: _reader_recall(r, '5')))} | "
+                     f"{_mean_std(values(lambda r: r['packing'].get('test_gold_packed')))} | "
+                     f"{_mean_std([r['packing']['test_mean_passages'] for r in rs], scale=1)} | "
+                     f"{_mean_std([r['packing']['test_mean_tokens'] for r in rs], scale=1, digits=0)} | "
+                     f"{_mean_std([r['oracle_usage']['forward_tokens'] for r in rs], scale=1, digits=0)} | "
+                     f"{_mean_std([r['wall_time_s'] for r in rs], scale=1, digits=0)} |")
+    lines += ["", "What the context costs: \"reader tokens\" is the mean length of a test row (soft prompt not counted), "
+              "\"gray-box tokens served\" the forward tokens the frozen LM's stages served over the whole run "
+              "(training and scoring; for the white-box reference, the tokens through the small LM itself), and a "
+              "gray-box step's time grows with them. The re-ranker's recall is the same in the re-ranker and "
+              "white-box rows: the same seed trains the same re-ranker.", "",
+              "Paired by seed (a difference whose ± covers 0 is noise):", ""]
+    for better, worse in (("reader-reranker", "reader-retriever"), ("reader-retriever", "reader-closed_book")):
+        pairs = {r["seed"]: r for r in rows.get(worse, [])}
+        diffs = [r["test_exact_match"] - pairs[r["seed"]]["test_exact_match"] for r in rows.get(better, [])
+                 if r["seed"] in pairs]
+        if diffs:
+            lines.append(f"- {better} − {worse}: {_mean_std(diffs)} exact-match points ({len(diffs)} seeds)")
+    return lines + [""]
+
+
 RECURSIVE_RUNS = (("recursive-one", "one pass (its prompt trained for all the steps)"),
                   ("recursive-textual", "textual: pass 2 reads k sampled answers"),
                   ("recursive-neural", "neural: connector pre-trained on language modelling"),
@@ -434,10 +488,12 @@ def render(results: list[dict], report_dir: Path | None = None) -> str:
     recursive: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     extend: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     mltd: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    reader: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         group = (comblm if r.get("method") == "comblm" else idpt if r["_name"].startswith("idpt")
                  else recursive if r["_name"].startswith("recursive") else extend if r["_name"].startswith("extend")
-                 else mltd if r["_name"].startswith("mltd") else presets)
+                 else mltd if r["_name"].startswith("mltd") else reader if r["_name"].startswith("reader")
+                 else presets)
         group[r["_preset"]][r["_name"]].append(r)
     lines = ["# Results", "", "Generated by `python -m raydapt.results` (run by `python jobs/suite.py`) from the "
              "`result.json` files under `results/`; do not edit by hand. Accuracies in %, mean ± std over seeds.", ""]
@@ -467,6 +523,8 @@ def render(results: list[dict], report_dir: Path | None = None) -> str:
     for preset, rows in sorted(mltd.items()):
         from raydapt.mltd.report import mltd_section
         lines += mltd_section(preset, rows, report_dir)
+    for preset, rows in sorted(reader.items()):
+        lines += _reader_section(preset, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -480,7 +538,8 @@ def readme_block(results: list[dict]) -> str:
     rows = defaultdict(list)
     extend = [r for r in results if r["_name"].startswith("extend")]
     results = [r for r in results
-               if r.get("method") != "comblm" and not r["_name"].startswith(("idpt", "recursive", "extend", "mltd"))]
+               if r.get("method") != "comblm"
+               and not r["_name"].startswith(("idpt", "recursive", "extend", "mltd", "reader"))]
     for r in results:
         rows[(r["_preset"], r["_name"])].append(r)
     lines = []
@@ -659,11 +718,29 @@ def _extend_bench_table(fig: dict) -> list[str]:
     return lines + [""]
 
 
+def _retrieval_table(fig: dict) -> list[str]:
+    """bench/retrieval.py: the BM25 index vs a brute-force scan, and the index's recall@k."""
+    ks = sorted(fig["recall"]["test"], key=int)
+    return [f"`python bench/retrieval.py` (the open-book task's bm25s index over {fig['passages']:,} passages, top "
+            f"{fig['k']} for {fig['questions']} questions, vs a brute-force BM25 scan of the same corpus on "
+            f"{fig['scan_queries']} of them; {_where(fig)}):", "",
+            "| measure | value |", "|---|---|",
+            f"| index / scan, queries per second | {fig['speedup']:.1f}x ({fig['index_qps']:.0f} vs "
+            f"{fig['scan_qps']:.1f} q/s) |",
+            f"| index build, load | {fig['build_s']:.2f} s, {fig['load_s']:.3f} s |",
+            f"| top-1 the scan's best / largest top-{fig['k']} score gap | {fig['top1_agrees_with_scan']:.3f} / "
+            f"{fig['max_top_k_score_gap']:.1e} |", "",
+            "| split | " + " | ".join(f"recall@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
+            *[f"| {split} | " + " | ".join(f"{fig['recall'][split][k]:.3f}" for k in ks) + " |"
+              for split in ("train", "dev", "test") if split in fig["recall"]], ""]
+
+
 def performance_block(bench_dir: Path) -> str:
     """The README's Performance tables, from the figures bench/*.py wrote (a bench not run: no table)."""
     lines = []
     for name, table in (("oracle", _oracle_table), ("search", _search_table), ("graybox", _graybox_table),
-                        ("combiners", _combiner_table), ("extend", _extend_bench_table)):
+                        ("combiners", _combiner_table), ("extend", _extend_bench_table),
+                        ("retrieval", _retrieval_table)):
         path = Path(bench_dir) / f"{name}.json"
         if path.exists():
             lines += table(json.loads(path.read_text()))

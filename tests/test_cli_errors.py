@@ -154,6 +154,15 @@ ROWS = [
     ("jobs/mltd.py", "--meta-batch 1 --workers 2", ["--meta-batch", "cannot be spread over --workers 2", ">= 2"]),
     ("jobs/mltd.py", "--domains-dir {mltd_domains_small} --meta-test-domains nowhere --model {small_lm}",
      ["--meta-test-domains: 'nowhere' is not a held-out domain"]),
+    # jobs/reader.py (issue 16): each bad input before the pool starts, nothing written.
+    ("jobs/reader.py", "--corpus {blocker}", ["--corpus", "is empty", "\"id\", \"text\""]),
+    ("jobs/reader.py", "--task-dir {reader_no_answer}", ["--task-dir", "no answer column", "\"answer\": str"]),
+    ("jobs/reader.py", "--index-dir {reader_other_index}", ["--index-dir", "built from another corpus", "rebuild it"]),
+    ("jobs/reader.py", "--context 40", ["context of 40 positions cannot hold one passage", "the longest passage needs"]),
+    ("jobs/reader.py", "--context 300", ["--context 300", "context of 256"]),
+    ("jobs/reader.py", "--mode reranked", ["--mode", "'closed_book', 'retriever', 'reranker'"]),
+    ("jobs/reader.py", "--fault-injection kill-worker:after-steps=2", ["--fault-injection", "needs --mode reranker"]),
+    ("jobs/reader.py", "--mode reranker --reranker-batch 3", ["--reranker-batch", "not a multiple of --reranker-workers 2"]),
     # `raydapt score`: bad checkpoints and corpora.
     (SCORE, "--model {missing} --input {corpus} --output {out}", ["does not exist"]),
     (SCORE, "--model {bert} --input {corpus} --output {out}",
@@ -245,6 +254,7 @@ def inputs(tmp_path_factory, tiny_checkpoints) -> dict[str, Path]:
         **bad_adapter_inputs(tmp, tiny_checkpoints),
         "mltd_domains_small": _mltd_domains(tmp),
         "small_lm": default_model_dir("small"),
+        **_reader_inputs(tmp),
     }
 
 
@@ -253,9 +263,22 @@ def _mltd_domains(tmp: Path) -> Path:
     return user_domains(tmp, small=True)
 
 
+def _reader_inputs(tmp: Path) -> dict[str, Path]:
+    """An open-book task whose train split lacks the answer column, and an index of another corpus."""
+    from raydapt.data.make_openbook import default_openbook_dir
+    from raydapt.reader.retrieval import Corpus, build_index, save_index
+    task = tmp / "reader-no-answer"
+    task.mkdir()
+    for name in ("task.json", "dev.jsonl", "test.jsonl"):
+        shutil.copy(default_openbook_dir() / name, task)
+    _jsonl(task / "train.jsonl", [{"question": "Return the current file position.", "passage_id": "x"}])
+    other = Corpus(["a", "b"], ["def tell(self):\n    return self._pos", "def seek(self, n):\n    self._pos = n"])
+    save_index(build_index(other), other, tmp / "reader-other-index")
+    return {"reader_no_answer": task, "reader_other_index": tmp / "reader-other-index"}
+
+
 def _other_tokenizer(tmp: Path) -> Path:
     """The default small LM with a tokenizer of its own: a generator that cannot read --model's ids."""
-    from raydapt.defaults import default_model_dir
     from raydapt.pretrain import train_tokenizer
     directory = tmp / "other-tokenizer"
     shutil.copytree(default_model_dir("small"), directory)
