@@ -25,6 +25,8 @@ RUNS = {  # name: (job, extra flags)
     "bbt-ng-CMA": ("bbt", ["--optimizer", "CMA"]),
     "bbt-ng-TwoPointsDE": ("bbt", ["--optimizer", "TwoPointsDE"]),
     "bbt-ng-OnePlusOne": ("bbt", ["--optimizer", "OnePlusOne"]),
+    # A generic peer that also saves calls (issue 17): pycma's lq-CMA-ES, same budget.
+    "bbt-lq-cma": ("bbt", ["--optimizer", "lq-cma"]),
     "bbtv2-cma": ("bbt", ["--method", "bbtv2"]),
     "gdfo": ("gdfo", ["--baseline", "none"]),  # BBT runs once, as bbt-cma, with the same seed
     "gdfo-gradient-only": ("gdfo", ["--baseline", "none", "--variant", "gradient"]),

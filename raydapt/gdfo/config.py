@@ -44,6 +44,8 @@ class GDFOConfig(BBTConfig):
         super().__post_init__()
         check_directory(self.student, "student", "the built small LM")
         check(self.method == "bbt", "method", "GDFO searches BBT's input prompt; bbtv2 is not supported")
+        check(self.optimizer != "lq-cma", "optimizer", "lq-cma is told only the points it asked; GDFO tells "
+              "CMA-ES extra (gradient) points: use cma or a nevergrad optimizer")
         check(self.mode == "add", "mode", "GDFO uses add mode (the student adds the same z at its slots)")
         check_positive(self.temperature, "temperature")
         check(self.student_lr >= 0, "student_lr", f"must be >= 0, got {self.student_lr}")
