@@ -98,7 +98,9 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
         ratio = f"{statistics.mean(ratios):.2f}" if ratios else "–"
         agreement = _mean_std([r["student_agreement_mean"] for r in rows[name]], scale=1.0, digits=3)
         injected = _mean_std([r["injected_points"] for r in rows[name]], scale=1.0, digits=1)
-        won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]], scale=1.0, digits=1)
+        # None: the gradient-only ablation, whose every winner is a gradient point by construction
+        won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]
+                         if r.get("generations_won_by_gradient_points") is not None], scale=1.0, digits=1)
         lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {agreement} | {injected} | {won} |")
     if not lines:
         return []
@@ -107,6 +109,27 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
             "gradient points the teacher scored, and the generations whose best point was one of them:", "",
             "| run | seeds that reached it | mean calls ratio (run / BBT) | student rho | gradient points "
             "| generations won by them |", "|---|---|---|---|---|---|", *lines, ""]
+
+
+def _paired_vs_bbt(rows: dict[str, list[dict]]) -> list[str]:
+    """Each run's test accuracy minus BBT's (pycma) on the same seed, same test set: mean ± std of the
+    per-seed differences and scipy's paired t-test (two runs' accuracies on one test set share its
+    sampling noise, so the paired difference is the comparison to read)."""
+    from scipy import stats
+
+    bbt = {r["seed"]: r["test_accuracy"] for r in rows.get("bbt-cma", [])}
+    lines = []
+    for name in sorted(n for n in rows if n != "bbt-cma"):
+        pairs = [(r["test_accuracy"], bbt[r["seed"]]) for r in rows[name] if r.get("seed") in bbt]
+        if len(pairs) < 2:
+            continue
+        diffs = [a - b for a, b in pairs]
+        p = stats.ttest_rel(*zip(*pairs)).pvalue if statistics.stdev(diffs) > 0 else float("nan")
+        lines.append(f"| {name} | {len(pairs)} | {_mean_std(diffs)} | {p:.2f} |")
+    if not lines:
+        return []
+    return ["Test accuracy minus BBT's (pycma) on the same seed, in points (mean ± std over seeds; p: scipy's "
+            "paired t-test):", "", "| run | seeds | − BBT (paired) | p |", "|---|---|---|---|", *lines, ""]
 
 
 COMBLM_ROWS = ("large", "expert", "expert_untuned", "mean", "constant_scalar", "constant_vector", "entropy_scalar",
@@ -454,6 +477,7 @@ def render(results: list[dict], report_dir: Path | None = None) -> str:
                 f"{_mean_std([r['dev_accuracy'] for r in rs if 'dev_accuracy' in r])} | "
                 f"{_mean_std([r['test_accuracy'] for r in rs])} |")
         lines.append("")
+        lines += _paired_vs_bbt(rows)
         lines += _gdfo_table(rows)
     for preset, rows in sorted(comblm.items()):
         lines += _comblm_section(preset, rows)

@@ -34,6 +34,8 @@ def test_tables_from_known_results(tmp_path):
     text = render(collect(runs))
     assert "| bbt-cma | bbt | cma | 1, 2 | 100 | 50.00 ± 0.00 | 60.00 ± 0.00 | 65.00 ± 7.07 |" in text
     assert "| gdfo | 1/2 | 0.50 | 0.200 ± 0.141 | 15.0 ± 7.1 | 2.0 ± 1.4 |" in text
+    # paired by seed: 70 - 60 and 50 - 70 points; t = -0.05 / (0.2121 / sqrt 2), 1 df: p = 0.80
+    assert "| gdfo | 2 | -5.00 ± 21.21 | 0.80 |" in text
     block = readme_block(collect(runs))
     assert "- BBT (pycma): 65.00 ± 7.07" in block and "- GDFO: 60.00 ± 14.14" in block
 
