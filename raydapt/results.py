@@ -513,7 +513,8 @@ def readme_block(results: list[dict]) -> str:
         lines.append(f"Default task, `{preset}` preset, test accuracy in % (mean ± std over {len(any_run)} seeds), "
                      f"hand-written prompt: {manual}")
         for name, label in (("gradient-white-box", "prompt tuned by gradients through the white box"),
-                            ("bbt-cma", "BBT (pycma)"), ("gdfo", "GDFO")):
+                            ("bbt-cma", "BBT (pycma)"), ("bbt-lq-cma", "BBT with lq-CMA-ES (pycma's surrogate)"),
+                            ("bbtv2-cma", "BBTv2 (pycma)"), ("gdfo", "GDFO")):
             if name in picked:
                 lines.append(f"- {label}: {_mean_std([r['test_accuracy'] for r in picked[name]])}")
         lines.append("")

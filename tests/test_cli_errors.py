@@ -89,6 +89,7 @@ ROWS = [
     ("jobs/bbt.py", "--bound -1", ["--bound", ">= 0, got -1.0"]),
     ("jobs/bbt.py", "--bound 5 --optimizer TwoPointsDE", ["--bound", "needs --optimizer cma or lq-cma"]),
     ("jobs/gdfo.py", "--optimizer lq-cma", ["--optimizer", "lq-cma", "extra"]),
+    ("jobs/gdfo.py", "--trust-window 0", ["--trust-window", ">= 1, got 0"]),
     ("jobs/bbt.py", "--placement SIDEWAYS", ["--placement", "PACK"]),
     ("jobs/bbt.py", "--popsize ten", ["--popsize", "expected int"]),
     ("jobs/bbt.py", "--no-such-flag 1", ["unrecognized arguments: --no-such-flag"]),
