@@ -39,9 +39,10 @@ class LQCMAOptimizer(CMAOptimizer):
         super().__init__(dim, popsize, sigma, seed, bounds=bounds, budget=budget)
         import cma.fitness_models as fm
 
+        # pycma's defaults, read from its settings class when needed (its n_for_tau is a lambda: an
+        # instance holding it would not pickle, and the optimizer state must)
         self._model = fm.LQModel()
         self._model.settings.max_absolute_size = _settings().model_max_size_factor * popsize
-        # pycma's defaults, read from its settings class (its n_for_tau is a lambda: not kept, for pickling)
         self._X: np.ndarray | None = None        # the generation in progress (P, d)
         self._f: np.ndarray | None = None        # its true losses, nan where not evaluated (P,)
         self._target = 0                         # points to have evaluated after this round
@@ -101,5 +102,6 @@ class LQCMAOptimizer(CMAOptimizer):
 
 
 def _settings():
+    """pycma's SurrogatePopulation defaults (tau threshold 0.85, n_for_tau, min_evals_percent, ...)."""
     import cma.fitness_models as fm
     return fm.SurrogatePopulationSettings
