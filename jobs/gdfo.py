@@ -28,6 +28,10 @@ def table(result: dict) -> str:
     if comparison and comparison["call_ratio_gdfo_over_bbt"] is not None:
         lines.append(f"GDFO reached BBT's final dev accuracy with {comparison['call_ratio_gdfo_over_bbt']:.2f}x "
                      "BBT's API calls")
+    if result["variant"] == "gdfo":
+        lines.append(f"gradient points injected: {result['injected_points']} (trusted only while the student's "
+                     f"rank agreement is significant); generations they won: "
+                     f"{result['generations_won_by_gradient_points']}")
     lines.append(f"student agreement (Spearman, last 10 generations): {result['student_agreement_last10']:.3f}; "
                  f"waited {result['student_wait_s']:.1f} s for the student")
     return "\n".join(lines)

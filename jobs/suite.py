@@ -25,7 +25,12 @@ RUNS = {  # name: (job, extra flags)
     "bbt-ng-CMA": ("bbt", ["--optimizer", "CMA"]),
     "bbt-ng-TwoPointsDE": ("bbt", ["--optimizer", "TwoPointsDE"]),
     "bbt-ng-OnePlusOne": ("bbt", ["--optimizer", "OnePlusOne"]),
+    # A generic peer that also saves calls (issue 17): pycma's lq-CMA-ES, same budget.
+    "bbt-lq-cma": ("bbt", ["--optimizer", "lq-cma"]),
     "bbtv2-cma": ("bbt", ["--method", "bbtv2"]),
+    # The reference README's BBTv2 command (deepbbt.py --alpha 0.2 --sigma 0.2 --bound 0): deep prompts a
+    # fifth of each layer's hidden std (docs/bbtv2.md).
+    "bbtv2-cma-a02": ("bbt", ["--method", "bbtv2", "--alpha", "0.2", "--sigma", "0.2"]),
     "gdfo": ("gdfo", ["--baseline", "none"]),  # BBT runs once, as bbt-cma, with the same seed
     "gdfo-gradient-only": ("gdfo", ["--baseline", "none", "--variant", "gradient"]),
     # The student fitted harder: KL at T = 1, its projection learned, 16 Adam steps at 3e-3 per

@@ -64,14 +64,38 @@ def test_deep_space_layers_and_population():
     assert all(np.array_equal(pop[p, l], deep[l]) for p in range(5) for l in (0, 2))
 
 
-def test_clipped_std_drops_outliers():
+def _deepbbt_clipped_std(hidden):
+    """The reference deepbbt.py's loop, transcribed: five rounds of np.clip at mean +- 3 std."""
+    mu_hat, std_hat = np.mean(hidden), np.std(hidden)
+    for _ in range(5):
+        hidden = np.clip(hidden, mu_hat - 3 * std_hat, mu_hat + 3 * std_hat)
+        mu_hat, std_hat = np.mean(hidden), np.std(hidden)
+    return std_hat
+
+
+def test_clipped_std_winsorises_as_the_reference():
     values = np.concatenate([np.tile([-1.0, 1.0], 500), [1e6, -3e5]])
     assert np.std(values) > 1e4
-    assert clipped_std(values) == 1.0
+    assert clipped_std(values) == pytest.approx(_deepbbt_clipped_std(values), rel=1e-12)
+    assert 1.0 < clipped_std(values) < 2.0  # clipped to the bound, not dropped: a little above the bulk's 1.0
     assert clipped_std(np.tile([-2.0, 2.0], 10)) == 2.0  # nothing to clip
-    # one round is not enough when a big outlier hides a smaller one
-    nested = np.concatenate([np.tile([-1.0, 1.0], 5000), [50.0] * 3, [1e7]])
-    assert clipped_std(nested, rounds=1) > 1.0 and clipped_std(nested, rounds=5) == 1.0
+    heavy = np.random.default_rng(0).standard_t(2, 20000)
+    assert clipped_std(heavy) == pytest.approx(_deepbbt_clipped_std(heavy), rel=1e-12)
+    assert clipped_std(heavy, rounds=1) > clipped_std(heavy, rounds=5)
+
+
+def test_bbtv2_layer0_takes_the_word_embedding_std():
+    # BBTv2's layer 0 is scaled as BBT's prompt (the embedding matrix's std), layers l > 0 by the
+    # clipped std of the hidden states entering block l (the reference deepbbt.py)
+    from types import SimpleNamespace
+    from raydapt.bbt.job import build_space
+    oracle = SimpleNamespace(info=SimpleNamespace(hidden_dim=4, embed_dim=4),
+                             statistics=lambda ids, lengths: {"embedding_std": 2.0, "hidden_std": [9.0, 3.0, 5.0]})
+    data = SimpleNamespace(train=SimpleNamespace(input_ids=None, lengths=None))
+    cfg = SimpleNamespace(method="bbtv2", intrinsic_dim=3, prompt_length=2, seed=1, projection="normal", alpha=1.0,
+                          sigma=1.0)
+    space = build_space(cfg, oracle, data)
+    assert [layer.embedding_std for layer in space.layers] == [2.0, 3.0, 5.0]
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -151,7 +175,7 @@ def _trajectory(opt, generations):
     return asks
 
 
-@pytest.mark.parametrize("name", ["cma", "CMA", "TwoPointsDE", "OnePlusOne"])
+@pytest.mark.parametrize("name", ["cma", "lq-cma", "CMA", "TwoPointsDE", "OnePlusOne"])
 def test_resume_equals_uninterrupted(name):
     full = _trajectory(make_optimizer(name, 10, 6, 1000, 5, 0.5), 10)
     opt = make_optimizer(name, 10, 6, 1000, 5, 0.5)
@@ -225,6 +249,7 @@ def test_nevergrad_tell_matches_by_value():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(popsize=1), "--popsize"), (dict(dim=0), "--intrinsic-dim"), (dict(sigma=0.0), "--sigma"),
     (dict(budget=0), "--budget"), (dict(name="NoSuchOptimizer"), "--optimizer 'NoSuchOptimizer' is not a nevergrad"),
+    (dict(bound=-1.0), "--bound"), (dict(name="TwoPointsDE", bound=5.0), "--bound: needs --optimizer cma or lq-cma"),
 ])
 def test_make_optimizer_rejects_bad_input(kwargs, field):
     args = dict(name="cma", dim=4, popsize=4, budget=100, seed=0, sigma=1.0) | kwargs

@@ -118,3 +118,17 @@ def test_log_rows_split_time_into_oracle_and_coordinator(tmp_path):
     assert state.oracle_s == pytest.approx(sum(r["oracle_s"] for r in rows), abs=1e-5)
     assert state.coordinator_s == pytest.approx(sum(r["coordinator_s"] for r in rows), abs=1e-5)
     assert state.oracle_s + state.coordinator_s <= state.elapsed_s + 1e-5
+
+
+def test_lq_cma_search_counts_only_the_points_the_teacher_scored(tmp_path):
+    # lq-CMA-ES asks 1..popsize points per request: the loop must count exactly those as API calls
+    (tmp_path / "run").mkdir()
+    s = search(tmp_path / "run", optimizer="lq-cma")
+    first = search(tmp_path, optimizer="cma")
+    first_loss = first.step(first.fresh_state())["population_mean_loss"]
+    state = s.run(s.fresh_state())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    dev_calls = sum("dev_accuracy" in row for row in rows)
+    assert 400 - 8 < state.api_calls <= 400 and s.oracle.usage.calls == state.api_calls + dev_calls
+    assert state.generation == len(rows) > 50  # fewer points per request than a population of 8
+    assert state.best_train_loss < 0.5 * first_loss

@@ -39,7 +39,7 @@ def test_flags_override_file_and_errors_name_the_field(tmp_path):
     with pytest.raises(UserError) as e:
         parse_args(BBTConfig, ["--config", str(path)])
     assert str(e.value).startswith(f"--config: {path}: unknown field 'popsiz' (did you mean 'popsize'?); "
-                                   "accepted: alpha, budget,"), str(e.value)
+                                   "accepted: alpha, bound, budget,"), str(e.value)
     path.write_text("popsiz: 3\nzzz_qqq: 1\n")  # nothing is near zzz_qqq: no suggestion for it
     with pytest.raises(UserError) as e:
         parse_args(GDFOConfig, ["--config", str(path)])

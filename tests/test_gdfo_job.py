@@ -53,13 +53,16 @@ def test_gdfo_same_in_process_and_after_a_resume_on_2x2_that_changes_every_neutr
     from raydapt.bbt.config import RESULT_NEUTRAL_FIELDS
 
     one, killed, moved = tmp_path / "local", tmp_path / "killed", tmp_path / "moved"
-    run(GDFO, *SMALL_GDFO, "--local", "--output-dir", one)
+    # --trust always: the injected points' path must be exercised across the resume, whatever the
+    # tiny student's rank agreement (adaptive trust injects only when it is significant)
+    small = [*SMALL_GDFO, "--trust", "always"]
+    run(GDFO, *small, "--local", "--output-dir", one)
     # Killed in process (kill_mid_run checks result.json is absent), resumed on Ray with every
     # result-neutral field changed, from a moved directory: 2 x 2 stage actors (one of them killed)
     # and the student in an actor of its own. The uninterrupted 2 x 2 case is BBT's (same pool).
-    before = kill_mid_run([*GDFO, *SMALL_GDFO, "--local"], killed)
+    before = kill_mid_run([*GDFO, *small, "--local"], killed)
     killed.rename(moved)
-    resumed = run(GDFO, *SMALL_GDFO, *RESUME_CHANGES, "--resume", "--output-dir", moved)
+    resumed = run(GDFO, *small, *RESUME_CHANGES, "--resume", "--output-dir", moved)
     check_resume_changes(moved / "config.json", json.loads((moved / "result.json").read_text()), RESULT_NEUTRAL_FIELDS)
     after = (moved / "log.jsonl").read_text().splitlines()
     kept = len(after) - sum(line.startswith("gen ") for line in resumed.stdout.splitlines())
@@ -70,6 +73,20 @@ def test_gdfo_same_in_process_and_after_a_resume_on_2x2_that_changes_every_neutr
     assert len(after) == len((one / "log.jsonl").read_text().splitlines())
     result = json.loads((one / "result.json").read_text())
     assert result["injected_points"] > 0 and -1 <= result["student_agreement_mean"] <= 1
+
+
+def test_gradient_only_names_no_optimizer_and_wins_nothing_by_construction(tmp_path):
+    # the ablation asks no optimizer: every point it scores is a gradient point, so no generation
+    # counts as "won by gradient points", and its result must not say cma
+    out = tmp_path / "gradient"
+    done = run_in_process("jobs/gdfo.py", [*SMALL_GDFO, "--local", "--variant", "gradient", "--output-dir", str(out)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["optimizer"] == "none" and result["method"] == "gdfo-gradient-only"
+    assert result["generations_won_by_gradient_points"] is None and result["injected_points"] > 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(row["injected"] for row in rows) == result["injected_points"]
+    assert not any(row["injected_won"] for row in rows)
 
 
 def student_with_another_tokenizer(tmp_path) -> Path:

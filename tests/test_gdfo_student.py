@@ -80,3 +80,16 @@ def test_state_round_trip_continues_identically(tiny_checkpoints):
         s.add(z + 1, teacher_logits(z + 1))
     assert a.train(ids, lengths, labels) == b.train(ids, lengths, labels)
     assert np.array_equal(a.descend(z[0], ids, lengths, labels, 1.0), b.descend(z[0], ids, lengths, labels, 1.0))
+
+
+def test_trust_needs_agreement_beyond_noise_over_a_window():
+    from raydapt.gdfo.search import trust_level
+    # one generation of P = 20: rho's no-agreement sd is 1/sqrt(19) = 0.229, the bar 0.459
+    assert trust_level([0.9], 5, 20, 0.2) == 0.9
+    assert trust_level([0.4], 5, 20, 0.2) == 0.0
+    # five generations: sd 1/sqrt(95) = 0.103, the bar 0.205
+    assert trust_level([0.4] * 5, 5, 20, 0.2) == pytest.approx(0.4)
+    assert trust_level([0.9, -0.3, -0.2, 0.1, -0.1], 5, 20, 0.0) == 0.0  # one lucky generation among noise
+    assert trust_level([0.4] * 5, 5, 20, 0.5) == 0.0  # --min-trust still applies
+    assert trust_level([-1.0] * 10 + [0.5] * 5, 5, 20, 0.2) == pytest.approx(0.5)  # only the window counts
+    assert trust_level([], 5, 20, 0.2) == 0.0 and trust_level([None, 0.9], 5, 20, 0.2) == 0.9

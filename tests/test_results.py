@@ -33,9 +33,23 @@ def test_tables_from_known_results(tmp_path):
     write_run(runs, "quick", "gdfo", 2, gdfo(0.5, 0.5, 0.3, 20, 3), [{"api_calls": 40, "dev_accuracy": 0.5}])
     text = render(collect(runs))
     assert "| bbt-cma | bbt | cma | 1, 2 | 100 | 50.00 ± 0.00 | 60.00 ± 0.00 | 65.00 ± 7.07 |" in text
-    assert "| gdfo | 1/2 | 0.50 | 0.200 ± 0.141 | 15.0 ± 7.1 | 2.0 ± 1.4 |" in text
+    assert "| gdfo | 1/2 | 0.50 | – | 0.200 ± 0.141 | 15.0 ± 7.1 | 2.0 ± 1.4 |" in text
+    # paired by seed: 70 - 60 and 50 - 70 points; t = -0.05 / (0.2121 / sqrt 2), 1 df: p = 0.80
+    assert "| gdfo | 2 | -5.00 ± 21.21 | 0.80 |" in text
     block = readme_block(collect(runs))
     assert "- BBT (pycma): 65.00 ± 7.07" in block and "- GDFO: 60.00 ± 14.14" in block
+
+
+def test_calls_to_reach_bbts_final_train_loss(tmp_path):
+    runs = tmp_path / "results"
+    # BBT's final best train loss 0.5 first at 80 calls; GDFO seed 1 reaches it at 40, seed 2 at 120
+    for seed in (1, 2):
+        write_run(runs, "quick", "bbt-cma", seed, bbt(0.6, 0.6) | {"best_train_loss": 0.5},
+                  [{"api_calls": 40, "best_train_loss": 0.7}, {"api_calls": 80, "best_train_loss": 0.5}])
+    write_run(runs, "quick", "gdfo", 1, gdfo(0.6, 0.6, 0.1, 1, 0), [{"api_calls": 40, "best_train_loss": 0.4}])
+    write_run(runs, "quick", "gdfo", 2, gdfo(0.6, 0.6, 0.1, 1, 0), [{"api_calls": 40, "best_train_loss": 0.6},
+                                                                   {"api_calls": 120, "best_train_loss": 0.5}])
+    assert "| gdfo | 0/2 | – | 1.00 (2/2) |" in render(collect(runs))  # (0.5 + 1.5) / 2
 
 
 def test_main_writes_results_and_the_readme_block(tmp_path):

@@ -59,14 +59,17 @@ class BBTConfig(TaskConfig):
     """Black-box tuning of a continuous prompt: CMA-ES / nevergrad in a random subspace (BBT, BBTv2)."""
     method: str = field("bbt", "bbt: one prompt at the input; bbtv2: a prompt at every layer, "
                         "searched layer by layer", choices=("bbt", "bbtv2"))
-    optimizer: str = field("cma", "cma (pycma) or any nevergrad optimizer name (CMA, NGOpt, TwoPointsDE, "
-                           "OnePlusOne, ...)")
+    optimizer: str = field("cma", "cma (pycma), lq-cma (pycma's CMA-ES with its linear-quadratic surrogate "
+                           "choosing which candidates the LM scores) or any nevergrad optimizer name (CMA, NGOpt, "
+                           "TwoPointsDE, OnePlusOne, ...)")
     budget: int = field(2000, "API calls for the search; one call = one candidate on the whole train set "
                         "(the paper: 8000, see configs/paper.yaml)")
     popsize: int = field(20, "candidates per generation")
     intrinsic_dim: int = field(100, "d: dimension of the searched z (prompt = A z + p0); the paper: 500")
     prompt_length: int = field(10, "L: prompt tokens; the paper: 50")
     sigma: float = field(1.0, "initial step size of the search (z starts at 0)")
+    bound: float = field(0.0, "box z in [-bound, bound] (pycma's optimizers); 0: no bounds, as the reference "
+                         "deepbbt.py's --bound default (its first release used 5 with sigma 0.5)")
     alpha: float = field(1.0, "scale of A: std = alpha * std(embeddings) / (sqrt(d) * sigma)")
     projection: str = field("normal", "distribution of A", choices=("normal", "uniform"))
     mode: str = field("add", "add: A z is added to L placeholder embeddings (p0); cat: A z is inserted "
@@ -98,6 +101,9 @@ class BBTConfig(TaskConfig):
               f"{self.budget} is smaller than one population (--popsize {self.popsize})")
         check_positive(self.sigma, "sigma")
         check_positive(self.alpha, "alpha")
+        check(self.bound >= 0, "bound", f"must be >= 0, got {self.bound}")
+        check(self.bound == 0 or self.optimizer in ("cma", "lq-cma"), "bound",
+              f"needs --optimizer cma or lq-cma, got {self.optimizer!r}")
         check(self.dev_every >= 1, "dev_every", f"must be >= 1, got {self.dev_every}")
         check(self.replicas >= 1, "replicas", f"must be >= 1, got {self.replicas}")
         check(self.stages >= 1, "stages", f"must be >= 1, got {self.stages}")

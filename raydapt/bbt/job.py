@@ -89,11 +89,14 @@ def run_id(out: Path) -> str:
 
 
 def build_space(cfg, oracle, data: EncodedTask):
-    """BBT's projection scaled by the embeddings' std; BBTv2's per layer by each layer's hidden std."""
+    """BBT's projection scaled by the embeddings' std; BBTv2's per layer: layer 0 by the word-embedding
+    matrix's std (as BBT, and as the reference deepbbt.py), layer l > 0 by the clipped std of the
+    hidden states entering block l."""
     stats = oracle.statistics(data.train.input_ids, data.train.lengths)
     info = oracle.info
     if cfg.method == "bbtv2":
-        return DeepPromptSpace(cfg.intrinsic_dim, cfg.prompt_length, info.hidden_dim, stats["hidden_std"], cfg.seed,
+        stds = [stats["embedding_std"], *stats["hidden_std"][1:]]
+        return DeepPromptSpace(cfg.intrinsic_dim, cfg.prompt_length, info.hidden_dim, stds, cfg.seed,
                                distribution=cfg.projection, alpha=cfg.alpha, sigma=cfg.sigma)
     return PromptSpace(cfg.intrinsic_dim, cfg.prompt_length, info.embed_dim, stats["embedding_std"], cfg.seed,
                        distribution=cfg.projection, alpha=cfg.alpha, sigma=cfg.sigma)
@@ -117,7 +120,7 @@ def run_search_job(cfg, runtime: Runtime, search_cls=PromptSearch, extra_result=
     started = time.perf_counter()
     pin_coordinator_threads()
     # Every input check before any actor starts: a bad flag costs a second, not a cluster launch.
-    make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, 1, seed=cfg.seed, sigma=cfg.sigma)
+    make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, 1, seed=cfg.seed, sigma=cfg.sigma, bound=cfg.bound)
     spec = PoolSpec(cfg.model, cfg.stages, cfg.replicas, cfg.cpus_per_stage, cfg.gpus_per_stage,
                     strategy=cfg.placement, prefix_sharing=cfg.prefix_sharing)
     spec.validate()

@@ -98,7 +98,7 @@ class PromptSearch:
         cfg = self.cfg
         evaluations = max(1, cfg.budget // self.n_layers)  # BBTv2: the budget is shared by the layers
         self.optimizers = [make_optimizer(cfg.optimizer, cfg.intrinsic_dim, cfg.popsize, evaluations,
-                                          seed=cfg.seed * 1009 + layer, sigma=cfg.sigma)
+                                          seed=cfg.seed * 1009 + layer, sigma=cfg.sigma, bound=cfg.bound)
                            for layer in range(self.n_layers)]
         layer_best = np.zeros((self.n_layers, cfg.intrinsic_dim), np.float64) if self.deep else None
         return SearchState(layer_best=layer_best)

@@ -31,10 +31,13 @@ class GDFOConfig(BBTConfig):
     grad_start: str = field("best", "where gradient steps start: the best z so far, or the CMA mean (cma only)",
                             choices=("best", "mean"))
     max_inject: int = field(4, "most gradient points added to a generation (each costs one API call)")
-    trust: str = field("adaptive", "how many to inject: adaptive = max_inject * max(0, Spearman rho of the "
-                       "student's forecast vs the teacher's losses on the last generation); always; never",
+    trust: str = field("adaptive", "how many to inject: adaptive = max_inject * the student's Spearman rho with "
+                       "the teacher on the optimizer's candidates, averaged over --trust-window generations "
+                       "(0 unless significant); always; never",
                        choices=("adaptive", "always", "never"))
     output_dir: str = field("runs/gdfo", "where result.json, the prompt, the student, the log and the checkpoint go")
+    trust_window: int = field(5, "adaptive trust uses the mean rho of this many recent generations, and only "
+                              "when it exceeds twice its no-agreement sd, 1/sqrt(window * (popsize - 1))")
     min_trust: float = field(0.2, "inject nothing while rho is below this: a student that ranks the "
                              "teacher's candidates no better than noise must not spend API calls")
     baseline: str = field("bbt", "also run BBT with the same seed and budget first, and compare",
@@ -44,6 +47,8 @@ class GDFOConfig(BBTConfig):
         super().__post_init__()
         check_directory(self.student, "student", "the built small LM")
         check(self.method == "bbt", "method", "GDFO searches BBT's input prompt; bbtv2 is not supported")
+        check(self.optimizer != "lq-cma", "optimizer", "lq-cma is told only the points it asked; GDFO tells "
+              "CMA-ES extra (gradient) points: use cma or a nevergrad optimizer")
         check(self.mode == "add", "mode", "GDFO uses add mode (the student adds the same z at its slots)")
         check_positive(self.temperature, "temperature")
         check(self.student_lr >= 0, "student_lr", f"must be >= 0, got {self.student_lr}")
@@ -53,6 +58,7 @@ class GDFOConfig(BBTConfig):
         check(self.replay >= 0, "replay", f"must be >= 0, got {self.replay}")
         check(self.grad_steps >= 1, "grad_steps", f"must be >= 1, got {self.grad_steps}")
         check(0 <= self.max_inject <= self.grad_steps, "max_inject", f"must be in [0, --grad-steps], got {self.max_inject}")
+        check(self.trust_window >= 1, "trust_window", f"must be >= 1, got {self.trust_window}")
         check(-1 <= self.min_trust <= 1, "min_trust", f"must be in [-1, 1], got {self.min_trust}")
         check(self.grad_start == "best" or self.optimizer == "cma", "grad_start", "mean needs --optimizer cma")
 

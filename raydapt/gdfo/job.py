@@ -43,7 +43,9 @@ def _method(cfg) -> str:
 
 def _gdfo_result(search: GDFOSearch, state) -> dict:
     search.student.submit("save", str(search.out_dir / "student")).result()
-    return {"method": _method(search.cfg)} | search.summary(state)
+    # The gradient-only ablation asks no optimizer: its rows must not name one.
+    none = {"optimizer": "none"} if search.cfg.variant == "gradient" else {}
+    return {"method": _method(search.cfg)} | none | search.summary(state)
 
 
 def run_gdfo_job(cfg, runtime: Runtime, start_student=None) -> dict:

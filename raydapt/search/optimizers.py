@@ -30,7 +30,10 @@ from raydapt.config import check
 from raydapt.errors import UserError
 from raydapt.signing import seal, unseal
 
-__all__ = ["Optimizer", "CMAOptimizer", "NevergradOptimizer", "make_optimizer", "restore", "pycma_seed"]
+__all__ = ["Optimizer", "CMAOptimizer", "NevergradOptimizer", "make_optimizer", "restore", "pycma_seed",
+           "PYCMA_NAMES"]
+
+PYCMA_NAMES = ("cma", "lq-cma")  # --optimizer names served by pycma (the rest: nevergrad's registry)
 
 
 @runtime_checkable
@@ -224,12 +227,20 @@ class NevergradOptimizer(_Base):
         return self._budget_spent()
 
 
-def make_optimizer(name: str, dim: int, popsize: int, budget: int, seed: int, sigma: float) -> Optimizer:
-    """"cma" -> pycma's CMAOptimizer; any other name -> nevergrad's registry (case-sensitive: "CMA" is
-    nevergrad's CMA-ES)."""
+def make_optimizer(name: str, dim: int, popsize: int, budget: int, seed: int, sigma: float,
+                   bound: float = 0.0) -> Optimizer:
+    """"cma" -> pycma's CMAOptimizer; "lq-cma" -> pycma's CMA-ES with its lq surrogate
+    (`raydapt.search.lq_cma`); any other name -> nevergrad's registry (case-sensitive: "CMA" is
+    nevergrad's CMA-ES). bound > 0 boxes z in [-bound, bound] (pycma's optimizers only)."""
     _check_common(dim, popsize, sigma, seed, budget)
+    check(bound >= 0, "bound", f"must be >= 0, got {bound}")
+    check(bound == 0 or name in PYCMA_NAMES, "bound", f"needs --optimizer {' or '.join(PYCMA_NAMES)}, got {name!r}")
+    bounds = (-bound, bound) if bound else None
     if name == "cma":
-        return CMAOptimizer(dim, popsize, sigma, seed, budget=budget)
+        return CMAOptimizer(dim, popsize, sigma, seed, bounds=bounds, budget=budget)
+    if name == "lq-cma":
+        from raydapt.search.lq_cma import LQCMAOptimizer
+        return LQCMAOptimizer(dim, popsize, sigma, seed, bounds=bounds, budget=budget)
     return NevergradOptimizer(name, dim, popsize, budget, seed, sigma=sigma)
 
 
