@@ -2,6 +2,7 @@
 Ray Train worker killed) that equals the uninterrupted one, and bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -166,11 +167,26 @@ def check_combined_model_scores_and_generates(run: Path, tmp_path: Path) -> None
     assert first.stdout == second.stdout  # seeded sampling
 
 
-def kill_mid_expert_training(out: Path) -> None:
-    """Start the job, SIGKILL it (its process group: only what it started) once Ray Train has
-    written its first expert checkpoint, before the expert or any combiner is complete."""
+def kill_job_and_its_ray(proc: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started, as a machine that dies. Its process group is not
+    enough: Ray's workers run in groups of their own and, orphaned, kept training and writing
+    checkpoints for seconds (seen: steps 4 and 6 after a kill at step 2)."""
     import os
     import signal
+
+    import psutil
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
+def kill_mid_expert_training(out: Path) -> None:
+    """Start the job, SIGKILL it and what it started once Ray Train has written its first expert
+    checkpoint, before the expert or any combiner is complete."""
     import time
     proc = subprocess.Popen([*JOB, *SMALL, "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -178,8 +194,7 @@ def kill_mid_expert_training(out: Path) -> None:
     while time.time() < deadline and not list((out / "train").glob("expert/checkpoint_*")):
         assert proc.poll() is None, "the job ended before it was killed"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_job_and_its_ray(proc)
     assert not (out / "expert").exists() and not (out / "result.json").exists()
 
 
