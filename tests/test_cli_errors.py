@@ -107,7 +107,7 @@ ROWS = [
     ("jobs/prompt_tuning.py", "--task {task} --verbalizer ' positive, negative'",
      ["--verbalizer", "' positive' is 2 tokens", "' ok'"]),
     ("jobs/bbt.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz' (did you mean 'popsize'?)",
-                                            "accepted: alpha, budget,"]),
+                                            "accepted: alpha, bound, budget,"]),
     ("jobs/gdfo.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz' (did you mean 'popsize'?)"]),
     ("jobs/prompt_tuning.py", "--config {bad_yaml}", ["--config", "bad.yaml: unknown field 'popsiz'"]),
     ("jobs/comblm.py", "--config {bad_yaml_comblm}",
