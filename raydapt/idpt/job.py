@@ -61,9 +61,9 @@ def run_idpt_job(cfg, runtime: Runtime) -> dict:
         torch.manual_seed(cfg.seed)
         module = _build_module(cfg, embedding_std, info.embed_dim)
         opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
-        step = _restore(out, module, opt) if resuming else 0
+        step = restore_checkpoint(out, module, opt) if resuming else 0
         reporter = runtime.trainer_reporter(f"{Path(out).parent.name}/{Path(out).name}")
-        _train(cfg, out, frozen, module, opt, data, multi, step, reporter)
+        train_prompt_module(cfg, out, frozen, module, opt, data, multi, step, reporter)
         result = _finish(cfg, out, frozen, module, data, multi, started)
         if hasattr(pool, "fault_report"):
             result["fault_tolerance"] = pool.fault_report()
@@ -104,7 +104,11 @@ def _batch_rows(cfg, step: int, n: int) -> np.ndarray:
     return np.random.default_rng([cfg.seed, step]).choice(n, size=min(cfg.batch, n), replace=False)
 
 
-def _train(cfg, out: Path, frozen: FrozenLM, module, opt, data: dict, multi, step: int, reporter) -> None:
+def train_prompt_module(cfg, out: Path, frozen: FrozenLM, module, opt, data: dict, multi, step: int,
+                        reporter) -> None:
+    """Train `module` (it makes the prompt) through the frozen LM from `step` to cfg.steps, logging
+    each step, scoring dev and checkpointing every cfg.eval_every steps. The frozen reader's job
+    (raydapt.reader.job) trains its prompt with it too."""
     train, log_path = data["train"], out / "log.jsonl"
     truncate_jsonl(log_path, step)  # rows after the last checkpoint are redone
     module.train()
@@ -149,7 +153,8 @@ def _checkpoint(out: Path, module, opt, step: int) -> None:
         "optimizer": {k: v.numpy() for k, v in tensors.items()}, "optimizer_rest": text})
 
 
-def _restore(out: Path, module, opt) -> int:
+def restore_checkpoint(out: Path, module, opt) -> int:
+    """Load the last checkpoint under `out` into module and optimizer; the step it was taken at."""
     saved = load_checkpoint(out / CHECKPOINT_DIR)  # checks the signature, or refuses
     params = _trainable(module)
     if set(saved["module"]) != set(params):
@@ -209,7 +214,7 @@ def _finish(cfg, out: Path, frozen: FrozenLM, module, data: dict, multi, started
             "tasks": json.dumps(multi.names)}
     save_tensors(out / "prompt_module.safetensors",
                  {n: p.detach().numpy() for n, p in _trainable(module).items()}, metadata=meta)
-    _plot(out / "curve.png", log, f"{cfg.method}, seed {cfg.seed}")
+    plot_curve(out / "curve.png", log, f"{cfg.method}, seed {cfg.seed}")
     return {"method": cfg.method, "seed": cfg.seed, "tasks": multi.names,
             "kinds": dict(zip(multi.names, multi.kinds)),
             "test_exact_match": test, "test_average": float(np.mean(list(test.values()))),
@@ -220,7 +225,8 @@ def _finish(cfg, out: Path, frozen: FrozenLM, module, data: dict, multi, started
             "wall_time_s": time.perf_counter() - started, "config": to_dict(cfg)}
 
 
-def _plot(path: Path, log: list[dict], title: str) -> None:
+def plot_curve(path: Path, log: list[dict], title: str) -> None:
+    """Train loss per step and dev exact match at each evaluation, on two axes."""
     import matplotlib
 
     matplotlib.use("Agg")

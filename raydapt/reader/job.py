@@ -163,9 +163,9 @@ def run_reader_job(cfg, runtime: Runtime) -> dict:
             frozen, embedding_std = open_frozen_lm(pool, cfg, data["train"])
             module = StaticPrompt(cfg.prompt_length, frozen.oracle.info.embed_dim, embedding_std)
             opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
-        step = idpt._restore(out, module, opt) if resuming else 0
+        step = idpt.restore_checkpoint(out, module, opt) if resuming else 0
         reporter = runtime.trainer_reporter(f"{Path(out).parent.name}/{Path(out).name}")
-        idpt._train(cfg, out, frozen, module, opt, data, TASK, step, reporter)
+        idpt.train_prompt_module(cfg, out, frozen, module, opt, data, TASK, step, reporter)
         result = _finish(cfg, out, frozen, module, data, packing, started)
         if hasattr(pool, "fault_report"):
             result["fault_tolerance"] = pool.fault_report()
@@ -183,7 +183,7 @@ def _finish(cfg, out: Path, frozen, module, data: dict, packing: dict, started: 
     save_tensors(out / "prompt.safetensors", {"prompt": module.prompt.detach().numpy()},
                  metadata={"method": "reader", "mode": cfg.mode, "model": cfg.model,
                            "prompt_length": str(cfg.prompt_length), "task_dir": cfg.task_dir})
-    idpt._plot(out / "curve.png", log, f"frozen reader ({cfg.mode}), seed {cfg.seed}")
+    idpt.plot_curve(out / "curve.png", log, f"frozen reader ({cfg.mode}), seed {cfg.seed}")
     return {"method": "reader", "mode": cfg.mode, "seed": cfg.seed, "test_exact_match": test,
             "dev_exact_match": log[-1]["dev_average"], "final_train_loss": log[-1]["train_loss"],
             "packing": packing, "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
