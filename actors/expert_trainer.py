@@ -17,55 +17,40 @@ from pathlib import Path
 
 import numpy as np
 
-from raydapt.models.checkpoint import HF_FILES, load_optimizer_state, save_optimizer_state
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
+from raydapt.models.checkpoint import HF_FILES
 
 __all__ = ["train_loop", "fine_tune_expert"]
-
-OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW's state, no pickle (raydapt.models.checkpoint)
 
 
 def _restore(model, opt, device) -> tuple[int, list[float]]:
     """Load the latest Ray Train checkpoint into model and optimizer; (next step, loss history)."""
-    import ray.train
     from safetensors.torch import load_file
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
+    def load_weights(d: str) -> None:
         model.load_state_dict(load_file(os.path.join(d, "model.safetensors"), device=str(device)), strict=False)
-        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
-        state = json.loads(Path(d, "state.json").read_text())
-    return state["step"], state["losses"]
+
+    state = restore_checkpoint(load_weights, opt, device)
+    return (0, []) if state is None else (state["step"], state["losses"])
 
 
 def _report(metrics: dict, model=None, opt=None, tokenizer_dir: str = "", step: int = 0, losses=()) -> None:
-    """ray.train.report, with (rank 0) a checkpoint directory: the HF checkpoint (weights, config,
-    tokenizer) plus the optimizer's state and the counters. Ray Train copies the directory to the
-    run's storage, so the local one is removed when report returns."""
+    """ray.train.report, with (rank 0) a checkpoint: the HF checkpoint (weights, config, tokenizer)
+    plus the optimizer's state and the counters."""
     import ray.train
 
     if model is None:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="expert-ckpt-") as d:
+
+    def save_weights(d: str) -> None:
         model.save_pretrained(d, safe_serialization=True)
         for name in HF_FILES:
             src = Path(tokenizer_dir, name)
             if name.startswith(("tokenizer", "special")) and src.exists():
                 shutil.copy(src, d)
-        save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
-        Path(d, "state.json").write_text(json.dumps({"step": step, "losses": list(losses)}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-
-def _maybe_inject_fault(config: dict, step: int, rank: int, world: int) -> None:
-    """kill-worker:after-steps=N: the last rank dies hard once, on reaching step N."""
-    after, marker = config.get("kill_after_steps"), config.get("fault_marker")
-    if after is None or step != after or rank != world - 1 or Path(marker).exists():
-        return
-    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
-    os._exit(1)
+    report_checkpoint(metrics, save_weights, opt, {"step": step, "losses": list(losses)}, "expert-ckpt-")
 
 
 def train_loop(config: dict) -> None:
@@ -93,7 +78,7 @@ def train_loop(config: dict) -> None:
     metrics = _trainer_metrics(config["run"]) if rank == 0 else None
     ddp.train()
     for step in range(start, config["steps"]):
-        _maybe_inject_fault(config, step, rank, world)
+        inject_worker_fault(config, step, rank, world)
         x = blocks[rows[step][rank::world]].to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config["steps"], config["lr"], config["warmup"])

@@ -18,29 +18,23 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.expert_trainer import _maybe_inject_fault
-from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
 
 __all__ = ["train_loop", "train_extension"]
 
 ADAPTERS_FILE = "adapters.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def _restore(model, opt, device) -> tuple[int, list[dict]]:
-    import ray.train
     from safetensors.torch import load_file
 
     from raydapt.adapters import load_trainable
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
+    def load_weights(d: str) -> None:
         load_trainable(model, load_file(os.path.join(d, ADAPTERS_FILE), device=str(device)))
-        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
-        state = json.loads(Path(d, "state.json").read_text())
-    return state["step"], state["history"]
+
+    state = restore_checkpoint(load_weights, opt, device)
+    return (0, []) if state is None else (state["step"], state["history"])
 
 
 def _report(row: dict, model=None, opt=None, adapter_json: str = "", history=()) -> None:
@@ -52,13 +46,13 @@ def _report(row: dict, model=None, opt=None, adapter_json: str = "", history=())
     if model is None:
         ray.train.report(row)
         return
-    with tempfile.TemporaryDirectory(prefix="extend-ckpt-") as d:
+
+    def save_weights(d: str) -> None:
         save_file({k: v.contiguous().clone().cpu() for k, v in trainable_state(model).items()},
                   os.path.join(d, ADAPTERS_FILE))
-        save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
-        Path(d, "state.json").write_text(json.dumps({"step": row["step"], "history": list(history),
-                                                     "adapter": adapter_json}))
-        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    state = {"step": row["step"], "history": list(history), "adapter": adapter_json}
+    report_checkpoint(row, save_weights, opt, state, "extend-ckpt-")
 
 
 def train_loop(config: dict) -> None:
@@ -86,7 +80,7 @@ def train_loop(config: dict) -> None:
     steps = len(plan)
     metrics = _trainer_metrics(config["run"]) if rank == 0 else None
     for step in range(start, steps):
-        _maybe_inject_fault(config, step, rank, world)
+        inject_worker_fault(config, step, rank, world)
         rows = torch.from_numpy(plan[step][rank::world])
         x = blocks[rows].to(device)
         mask = original[rows][:, None].expand_as(x).to(device)  # (b, T) per-token domain

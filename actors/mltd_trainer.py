@@ -16,37 +16,32 @@ import sys
 import tempfile
 from pathlib import Path
 
-from actors.expert_trainer import _maybe_inject_fault
-from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
 
 __all__ = ["train_loop", "meta_train"]
 
 WEIGHTS_FILE = "mltd.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def _restore(model, opt, device) -> tuple[int, list[dict]]:
-    import ray.train
     from safetensors.torch import load_file
 
     from raydapt.adapters import load_trainable
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
+    def load_weights(d: str) -> None:
         load_trainable(model, load_file(os.path.join(d, WEIGHTS_FILE), device=str(device)))
-        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
-        state = json.loads(Path(d, "state.json").read_text())
-    return state["step"], state["history"]
+
+    state = restore_checkpoint(load_weights, opt, device)
+    return (0, []) if state is None else (state["step"], state["history"])
 
 
-def _save(d: str, outer, opt, history: list[dict], step: int) -> None:
+def _report(outer, opt, history: list[dict], step: int) -> None:
     from safetensors.torch import save_file
 
-    save_file({n: p.detach().contiguous().clone().cpu() for n, p in outer}, os.path.join(d, WEIGHTS_FILE))
-    save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
-    Path(d, "state.json").write_text(json.dumps({"step": step, "history": history}))
+    def save_weights(d: str) -> None:
+        save_file({n: p.detach().contiguous().clone().cpu() for n, p in outer}, os.path.join(d, WEIGHTS_FILE))
+
+    report_checkpoint(history[-1], save_weights, opt, {"step": step, "history": history}, "mltd-ckpt-")
 
 
 def train_loop(config: dict) -> None:
@@ -72,7 +67,7 @@ def train_loop(config: dict) -> None:
     mode = "multitask" if cfg.method == "multitask" else "maml"
     metrics = _trainer_metrics(config["run"]) if rank == 0 else None
     for step in range(start, cfg.meta_steps):
-        _maybe_inject_fault(config, step, rank, world)
+        inject_worker_fault(config, step, rank, world)
         buffer = meta_gradient_rows(model, params, tasks, cfg.seed, step, range(rank, cfg.meta_batch, world),
                                     cfg.meta_batch, cfg.inner_steps, cfg.inner_batch, cfg.inner_lr, mode)
         if world > 1:
@@ -84,9 +79,7 @@ def train_loop(config: dict) -> None:
             metrics.record(done, loss)
         if done % cfg.checkpoint_every == 0 or done == cfg.meta_steps:
             if rank == 0:
-                with tempfile.TemporaryDirectory(prefix="mltd-ckpt-") as d:
-                    _save(d, outer, opt, history, done)
-                    ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+                _report(outer, opt, history, done)
                 sys.stderr.write(f"mltd {cfg.method} meta-step {done}/{cfg.meta_steps}: outer loss {loss:.4f} "
                                  "(checkpointed)\n")
                 sys.stderr.flush()

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from actors.expert_trainer import _maybe_inject_fault
-from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
 
 __all__ = ["train_loop", "train_reranker"]
 
-MODEL_FILE, OPTIMIZER_FILE = "reranker.safetensors", "optimizer.safetensors"
+MODEL_FILE = "reranker.safetensors"
 
 
 def _build(config: dict):
@@ -38,17 +35,10 @@ def _build(config: dict):
 
 
 def _restore(model, opt) -> tuple[int, list[float]]:
-    import ray.train
     from safetensors.torch import load_model
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as d:
-        load_model(model, os.path.join(d, MODEL_FILE))
-        opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE)))
-        state = json.loads(Path(d, "state.json").read_text())
-    return state["step"], state["losses"]
+    state = restore_checkpoint(lambda d: load_model(model, os.path.join(d, MODEL_FILE)), opt)
+    return (0, []) if state is None else (state["step"], state["losses"])
 
 
 def _report(metrics: dict, model=None, opt=None, step: int = 0, losses=()) -> None:
@@ -58,11 +48,9 @@ def _report(metrics: dict, model=None, opt=None, step: int = 0, losses=()) -> No
     if model is None:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="reranker-ckpt-") as d:
-        save_model(model, os.path.join(d, MODEL_FILE))  # handles the LM's tied embeddings
-        save_optimizer_state(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
-        Path(d, "state.json").write_text(json.dumps({"step": step, "losses": list(losses)}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    state = {"step": step, "losses": list(losses)}
+    # save_model handles the LM's tied embeddings
+    report_checkpoint(metrics, lambda d: save_model(model, os.path.join(d, MODEL_FILE)), opt, state, "reranker-ckpt-")
 
 
 def train_loop(config: dict) -> None:
@@ -83,7 +71,7 @@ def train_loop(config: dict) -> None:
     rows, bm25 = np.asarray(config["rows"]), np.asarray(config["bm25"], np.float32)
     ddp.train()
     for step in range(start, config["steps"]):
-        _maybe_inject_fault(config, step, rank, world)
+        inject_worker_fault(config, step, rank, world)
         picked = np.random.default_rng([config["seed"], step]).choice(len(rows), config["batch"], replace=False)
         mine = picked[rank::world]
         loss = group_loss(ddp, tokens, mine, rows[mine], bm25[mine])  # DDP (or, alone, the model) forwards

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raydapt.reader.reranker import PairTokens, Reranker, rerank, training_groups
