@@ -101,8 +101,10 @@ class Student:
 
     # --- distillation ------------------------------------------------------------------------
     def add(self, z: np.ndarray, teacher_logits: np.ndarray) -> None:
-        self.buffer_z.append(np.asarray(z, np.float32))
-        self.buffer_logits.append(np.asarray(teacher_logits, np.float32))
+        # Copies: arrays that come through Ray's object store are read-only views, which
+        # torch.from_numpy (checkpointing) warns about.
+        self.buffer_z.append(np.array(z, np.float32))
+        self.buffer_logits.append(np.array(teacher_logits, np.float32))
 
     def train(self, input_ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor) -> float:
         """`steps` Adam steps, each on the newest generation's rows plus `replay` older rows.
