@@ -18,23 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_trainable
 
 __all__ = ["train_loop", "train_extension"]
 
 ADAPTERS_FILE = "adapters.safetensors"
-
-
-def _restore(model, opt, device) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
-
-    from raydapt.adapters import load_trainable
-
-    def load_weights(d: str) -> None:
-        load_trainable(model, load_file(os.path.join(d, ADAPTERS_FILE), device=str(device)))
-
-    state = restore_checkpoint(load_weights, opt, device)
-    return (0, []) if state is None else (state["step"], state["history"])
 
 
 def _report(row: dict, model=None, opt=None, adapter_json: str = "", history=()) -> None:
@@ -72,7 +60,7 @@ def train_loop(config: dict) -> None:
     model, adapter = extended_model(config["model_dir"], AdapterConfig.from_json(config["adapter"]), config["seed"])
     model.to(device)
     params, opt = optimizer(model, config["lr"])
-    start, history = _restore(model, opt, device)
+    start, history = restore_trainable(model, opt, device, ADAPTERS_FILE)
     ddp = ray.train.torch.prepare_model(model, move_to_device=False)
     blocks = torch.from_numpy(np.asarray(config["blocks"], dtype=np.int64))
     original = torch.from_numpy(np.asarray(config["original"], dtype=bool))

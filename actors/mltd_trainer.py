@@ -16,23 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
+from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_trainable
 
 __all__ = ["train_loop", "meta_train"]
 
 WEIGHTS_FILE = "mltd.safetensors"
-
-
-def _restore(model, opt, device) -> tuple[int, list[dict]]:
-    from safetensors.torch import load_file
-
-    from raydapt.adapters import load_trainable
-
-    def load_weights(d: str) -> None:
-        load_trainable(model, load_file(os.path.join(d, WEIGHTS_FILE), device=str(device)))
-
-    state = restore_checkpoint(load_weights, opt, device)
-    return (0, []) if state is None else (state["step"], state["history"])
 
 
 def _report(outer, opt, history: list[dict], step: int) -> None:
@@ -62,7 +50,7 @@ def train_loop(config: dict) -> None:
     outer = outer_parameters(model, cfg.base_lr > 0)
     params = [p for _, p in outer]
     opt = outer_optimizer(model, cfg.outer_lr, cfg.base_lr)
-    start, history = _restore(model, opt, "cpu")
+    start, history = restore_trainable(model, opt, "cpu", WEIGHTS_FILE)
     tasks = [Task(name, torch.tensor(train), torch.tensor(test)) for name, train, test in config["tasks"]]
     mode = "multitask" if cfg.method == "multitask" else "maml"
     metrics = _trainer_metrics(config["run"]) if rank == 0 else None

@@ -12,7 +12,7 @@ from typing import Callable
 
 from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
 
-__all__ = ["OPTIMIZER_FILE", "inject_worker_fault", "report_checkpoint", "restore_checkpoint"]
+__all__ = ["OPTIMIZER_FILE", "inject_worker_fault", "report_checkpoint", "restore_checkpoint", "restore_trainable"]
 
 OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW's / Adam's state (raydapt.models.checkpoint)
 
@@ -51,3 +51,17 @@ def restore_checkpoint(load_weights: Callable[[str], None], opt, device="cpu") -
         load_weights(d)
         opt.load_state_dict(load_optimizer_state(os.path.join(d, OPTIMIZER_FILE), device))
         return json.loads(Path(d, "state.json").read_text())
+
+
+def restore_trainable(model, opt, device, weights_file: str) -> tuple[int, list[dict]]:
+    """For loops that checkpoint only the trainable tensors (raydapt.adapters.trainable_state) and a
+    history: (next step, history), (0, []) on a fresh start."""
+    from safetensors.torch import load_file
+
+    from raydapt.adapters import load_trainable
+
+    def load_weights(d: str) -> None:
+        load_trainable(model, load_file(os.path.join(d, weights_file), device=str(device)))
+
+    state = restore_checkpoint(load_weights, opt, device)
+    return (0, []) if state is None else (state["step"], state["history"])
