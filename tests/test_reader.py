@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from raydapt.data.make_openbook import default_openbook_dir, functions, _questions
 from raydapt.errors import UserError
+from raydapt.reader.copying import copy_accuracy
 from raydapt.reader.data import load_questions
 from raydapt.reader.packing import ReaderTokens, check_budget, encode_rows, pack
 from raydapt.reader.reranker import PairTokens, Reranker, group_loss, pair_batch, rerank, standardise, training_groups
@@ -91,6 +94,26 @@ def _tokens(passage_lengths, frame=3, answer=2) -> ReaderTokens:
     passages = [[10 + i] * n for i, n in enumerate(passage_lengths)]
     return ReaderTokens(passages=passages, frames=[[7] * frame], answers=[[8] * answer], head=[], separator=[9],
                         pad=1)
+
+
+class _Copier(torch.nn.Module):
+    """A perfect induction head: predicts the token that followed the previous occurrence of this one."""
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, 4096)
+        for b, row in enumerate(input_ids.tolist()):
+            for t, token in enumerate(row):
+                before = [i for i in range(t) if row[i] == token]
+                if before:
+                    logits[b, t, row[before[-1] + 1]] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_copy_accuracy_separates_a_copier_from_a_model_that_cannot_copy():
+    assert copy_accuracy(_Copier(), 4096, rows=4, length=20) == 1.0
+    random_lm = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, max_position_embeddings=64))
+    assert copy_accuracy(random_lm.eval(), 4096, rows=4, length=20) < 0.05
 
 
 def test_pack_is_greedy_skips_what_does_not_fit_and_puts_the_best_last():

@@ -24,7 +24,11 @@ exact match closed-book 0.000, with the gold passage alone 0.000 (answer tokens 
 A prototype that prompt-tuned 8 vectors in-process for 200 Adam steps (batch 16, lr 0.01) on the
 gold passage with 0-3 random distractors reached 0.005 with the gold passage alone: this 4-layer LM
 does not copy a multi-token name from its context, so the reader, not retrieval, is the bottleneck
-of this task. BM25 (bench/retrieval.py): recall@1 0.19, @5 0.32, @20 0.45, @100 0.60 on test.
+of this task. Why: it cannot copy anything. Its copy accuracy (`raydapt.reader.copying`: the second
+repeat of 16 random 50-token sequences) is 0.000, as is the small LM's: after 1,000 pre-training
+steps (4 M tokens) neither has induction heads, and a tuned prompt did not add one (0.005 above).
+An extractive open-book task needs a reader LM that scores well on that test.
+BM25 (bench/retrieval.py): recall@1 0.19, @5 0.32, @20 0.45, @100 0.60 on test.
 """
 from __future__ import annotations
 
@@ -158,11 +162,13 @@ def make_openbook(cfg: MakeOpenBookConfig) -> Path:
 
 def evaluate(cfg: MakeOpenBookConfig, split: str = "test", batch_size: int = 32) -> dict:
     """Exact match (answer tokens and end token all the greedy argmax, teacher-forced) of the frozen
-    large LM reading the task's template with no passage (closed book) and with the gold passage alone."""
+    large LM reading the task's template with no passage (closed book) and with the gold passage alone,
+    and its copy accuracy (the induction test: can it read a token out of its context at all?)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydapt.data.multitask import exact_match
+    from raydapt.reader.copying import copy_accuracy
     from raydapt.reader.data import load_questions, load_task_info
     from raydapt.reader.packing import encode_rows, tokenize_reader
     from raydapt.reader.retrieval import load_corpus_file
@@ -176,7 +182,8 @@ def evaluate(cfg: MakeOpenBookConfig, split: str = "test", batch_size: int = 32)
     tokens = tokenize_reader(tokenizer, info["template"], info["end_token"], corpus.texts, questions.questions,
                              questions.answers, max_question_tokens=48)
     row = corpus.row()
-    result = {"split": split, "questions": len(questions.questions), "template": info["template"]}
+    result = {"split": split, "questions": len(questions.questions), "template": info["template"],
+              "copy_accuracy": copy_accuracy(model, len(tokenizer))}
     for name, packed in (("closed_book", [[] for _ in questions.questions]),
                          ("gold_passage", [[row[p]] for p in questions.passage_ids])):
         enc = encode_rows(tokens, packed)
