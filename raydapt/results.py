@@ -100,18 +100,25 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
         loss_ratio = (f"{statistics.mean(loss_ratios):.2f} ({len(loss_ratios)}/{len(rows[name])})"
                       if loss_ratios else "–")
         agreement = _mean_std([r["student_agreement_mean"] for r in rows[name]], scale=1.0, digits=3)
+        # --diagnose-gradient runs only: cos(student's gradient, teacher's true one) at the start points
+        cosine = _mean_std([r["gradient_cosine_mean"] for r in rows[name] if r.get("gradient_cosine_mean") is not None],
+                           scale=1.0, digits=3)
         injected = _mean_std([r["injected_points"] for r in rows[name]], scale=1.0, digits=1)
         # None: the gradient-only ablation, whose every winner is a gradient point by construction
         won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]
                          if r.get("generations_won_by_gradient_points") is not None], scale=1.0, digits=1)
-        lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {loss_ratio} | {agreement} | {injected} | {won} |")
+        lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {loss_ratio} | {agreement} | {cosine} | {injected} "
+                     f"| {won} |")
     if not lines:
         return []
     return ["GDFO runs: API calls to reach BBT's (pycma, same seed) final dev accuracy, as a fraction of BBT's "
-            "calls; the student's rank agreement with the teacher (Spearman rho per generation, mean); the "
-            "gradient points the teacher scored, and the generations whose best point was one of them:", "",
+            "calls; the student's rank agreement with the teacher (Spearman rho per generation, mean) and the cosine "
+            "between its gradient and the teacher's true one (per generation, mean; a random direction's mean |cos| "
+            "is sqrt(2 / (pi d)): 0.08 at d = 100, 0.11 at d = 50); the gradient points the teacher scored, and the generations whose best point "
+            "was one of them:", "",
             "| run | seeds that reached it | mean calls ratio (run / BBT) | calls ratio to BBT's final train loss "
-            "(seeds) | student rho | gradient points | generations won by them |", "|---|---|---|---|---|---|---|",
+            "(seeds) | student rho | gradient cosine | gradient points | generations won by them |",
+            "|---|---|---|---|---|---|---|---|",
             *lines, ""]
 
 

@@ -140,3 +140,19 @@ def test_injected_points_move_the_cma_mean_toward_them(seed):
     assert np.linalg.norm(shift) > 0.1 * np.linalg.norm(towards)
     assert shift @ towards / (np.linalg.norm(shift) * np.linalg.norm(towards)) > 0.9
     assert np.linalg.norm(with_points.mean() - injected.mean(0)) < 0.5 * np.linalg.norm(towards)
+
+
+def test_diagnose_gradient_measures_the_cosine_without_changing_the_search(tmp_path):
+    small = [*SMALL_GDFO, "--local", "--trust", "always"]
+    for name, extra in (("plain", []), ("diagnosed", ["--diagnose-gradient"])):
+        done = run_in_process("jobs/gdfo.py", [*small, *extra, "--output-dir", str(tmp_path / name)])
+        assert done.returncode == 0, done.stderr[-2000:]
+    plain, diagnosed = tmp_path / "plain", tmp_path / "diagnosed"
+    assert (plain / "best_prompt.safetensors").read_bytes() == (diagnosed / "best_prompt.safetensors").read_bytes()
+    result = json.loads((diagnosed / "result.json").read_text())
+    assert json.loads((plain / "result.json").read_text())["gradient_cosine_mean"] is None
+    assert result["white_box_loss_gap"] < 1e-4  # the white box is the oracle's model: same loss
+    cosines = [json.loads(line)["gradient_cosine"] for line in (diagnosed / "log.jsonl").read_text().splitlines()
+               if "gradient_cosine" in line]
+    assert len(cosines) == result["generations"] and all(-1 <= c <= 1 for c in cosines) and len(set(cosines)) > 1
+    assert result["gradient_cosine_mean"] == pytest.approx(sum(cosines) / len(cosines))

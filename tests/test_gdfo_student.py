@@ -93,3 +93,25 @@ def test_trust_needs_agreement_beyond_noise_over_a_window():
     assert trust_level([0.4] * 5, 5, 20, 0.5) == 0.0  # --min-trust still applies
     assert trust_level([-1.0] * 10 + [0.5] * 5, 5, 20, 0.2) == pytest.approx(0.5)  # only the window counts
     assert trust_level([], 5, 20, 0.2) == 0.0 and trust_level([None, 0.9], 5, 20, 0.2) == 0.9
+
+
+def test_teacher_gradient_matches_finite_differences_and_a_student_that_is_the_teacher(tiny_checkpoints):
+    from types import SimpleNamespace
+
+    from raydapt.gdfo.diagnosis import TeacherGradient
+
+    ids, lengths, labels = inputs()
+    train = SimpleNamespace(input_ids=ids.numpy(), lengths=lengths.numpy(), labels=labels.numpy())
+    space = PromptSpace(D, L, 32, 0.02, seed=5)
+    teacher = TeacherGradient(tiny_checkpoints["llama"][0], space, [3, 4, 5], train)
+    z = np.random.default_rng(4).normal(0, 1, D)
+    grad = teacher.gradient(z)
+    for u in np.eye(D)[:3]:  # central differences of the loss, in float64 around a float32 model
+        eps = 1e-2
+        fd = (teacher.loss(z + eps * u) - teacher.loss(z - eps * u)) / (2 * eps)
+        assert abs(grad @ u) > 1e-4 and fd == pytest.approx(grad @ u, rel=2e-2)
+    # A student with the teacher's model and projection, untrained, descends along the teacher's gradient.
+    same = make_student(tiny_checkpoints, grad_steps=2, grad_lr=0.1)
+    path = same.descend(z, ids, lengths, labels, sigma=1.0)
+    assert teacher.student_cosine(z, path) == pytest.approx(1.0, abs=1e-5)
+    assert teacher.student_cosine(z, 2 * z[None] - path) == pytest.approx(-1.0, abs=1e-5)

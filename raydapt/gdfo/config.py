@@ -42,6 +42,9 @@ class GDFOConfig(BBTConfig):
                              "teacher's candidates no better than noise must not spend API calls")
     baseline: str = field("bbt", "also run BBT with the same seed and budget first, and compare",
                           choices=("bbt", "none"))
+    diagnose_gradient: bool = field(False, "each generation, the cosine between the student's gradient and the "
+                                    "teacher's true one at the student's start point, computed in this process from "
+                                    "--model's checkpoint (a white box) and never given to the search")
 
     def __post_init__(self):
         super().__post_init__()

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from raydapt.bbt.losses import accuracy
 from raydapt.bbt.search import PromptSearch, SearchState
+from raydapt.gdfo.diagnosis import TeacherGradient
 from raydapt.gdfo.student import spearman
 from raydapt.gdfo.worker import InlineStudent
 
@@ -48,6 +49,8 @@ class GDFOState(SearchState):
     path: np.ndarray | None = None      # the student's last gradient path (grad_steps, d)
     rho: float | None = None            # Spearman(student forecast, teacher loss), last generation
     rhos: list = field(default_factory=list)
+    cosines: list = field(default_factory=list)  # --diagnose-gradient: student vs teacher gradient, per generation
+    white_box_gap: float | None = None  # --diagnose-gradient: |white-box loss - oracle loss| at generation 1's first point
     injected: int = 0
     injected_won: int = 0               # generations whose best candidate was a gradient point
     wait_s: float = 0.0                 # coordinator time blocked on the student
@@ -64,6 +67,7 @@ class GDFOSearch(PromptSearch):
         train = (data.train.input_ids, data.train.lengths, data.train.labels)
         self.student = start_student(cfg.student, cfg.student_settings(), data.label_ids, train, cfg.intrinsic_dim,
                                      cfg.prompt_length, cfg.alpha, cfg.sigma, cfg.projection)
+        self.teacher_gradient = TeacherGradient(cfg.model, space, data.label_ids, data.train) if cfg.diagnose_gradient else None
 
     # --- state -------------------------------------------------------------------------------
     def fresh_state(self) -> GDFOState:
@@ -110,7 +114,8 @@ class GDFOSearch(PromptSearch):
         asked = self._population(state)
         injected = self._injections(state, max(0, cfg.budget - state.api_calls - len(asked)))
         z = np.concatenate([asked, injected])                          # (P + n, d)
-        pending = self.student.submit("generation", z, state.learn, self._start_point(state))  # runs beside the teacher
+        start = self._start_point(state)
+        pending = self.student.submit("generation", z, state.learn, start)  # runs beside the teacher
         began = time.perf_counter()
         logits = self.score(self.data.train, self.prompts(z))          # (P + n, N, K)
         state.teacher_s += time.perf_counter() - began
@@ -127,6 +132,10 @@ class GDFOSearch(PromptSearch):
         ranked = slice(0, len(asked)) if len(asked) >= 3 else slice(None)
         state.rho = spearman(out["predicted"][ranked], losses[ranked])
         state.rhos.append(state.rho)
+        if self.teacher_gradient is not None:
+            if state.white_box_gap is None:  # is the white box the oracle's model? (else the cosine means nothing)
+                state.white_box_gap = abs(self.teacher_gradient.loss(z[0]) - float(losses[0]))
+            state.cosines.append(self.teacher_gradient.student_cosine(start, out["path"]))
         state.api_calls += len(z)
         state.generation += 1
         best = int(np.argmin(losses))
@@ -141,6 +150,7 @@ class GDFOSearch(PromptSearch):
                 "population_mean_loss": float(np.mean(losses)), "population_best_loss": float(losses[best]),
                 "best_train_loss": state.best_train_loss, "injected": len(injected),
                 "injected_won": won, "rho": state.rho,
+                **({"gradient_cosine": state.cosines[-1]} if self.teacher_gradient is not None else {}),
                 "student_loss": out["train_loss"], "student_wait_s": round(state.wait_s, 4),
                 "train_accuracy_of_best": float(accuracy(logits[best], self.data.train.labels))}
 
@@ -153,6 +163,8 @@ class GDFOSearch(PromptSearch):
         recent = state.rhos[-10:]
         return {"variant": self.cfg.variant, "student_agreement_last10": float(np.mean(recent)) if recent else None,
                 "student_agreement_mean": float(np.mean(state.rhos)) if state.rhos else None,
+                "gradient_cosine_mean": float(np.mean(state.cosines)) if state.cosines else None,
+                "white_box_loss_gap": state.white_box_gap,
                 "injected_points": state.injected,
                 "generations_won_by_gradient_points": state.injected_won if self.cfg.variant == "gdfo" else None,
                 "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
