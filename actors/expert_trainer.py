@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_checkpoint
+from actors.train_checkpoint import (inject_worker_fault, rank0_metrics, report_checkpoint,
+                                     restore_checkpoint)
 from raydapt.models.checkpoint import HF_FILES
 
 __all__ = ["train_loop", "fine_tune_expert"]
@@ -75,7 +76,7 @@ def train_loop(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model)  # DDP: gradients averaged over workers each step
     blocks = torch.from_numpy(np.asarray(config["blocks"], dtype=np.int64))
     rows = step_rows(len(blocks), config["batch"], config["steps"], config["seed"])
-    metrics = _trainer_metrics(config["run"]) if rank == 0 else None
+    metrics = rank0_metrics(config["run"], rank)
     ddp.train()
     for step in range(start, config["steps"]):
         inject_worker_fault(config, step, rank, world)
@@ -105,10 +106,6 @@ def train_loop(config: dict) -> None:
                 sys.stderr.write(f"expert step {done}/{config['steps']}: loss {losses[-1]:.4f} (checkpointed)\n")
                 sys.stderr.flush()
 
-
-def _trainer_metrics(run: str):
-    from actors.metrics import TrainerMetrics
-    return TrainerMetrics(run)
 
 
 def fine_tune_expert(cfg, blocks: np.ndarray, model_dir: str, storage: str, fault_marker: str) -> dict:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_trainable
+from actors.train_checkpoint import (inject_worker_fault, rank0_metrics, report_checkpoint,
+                                     restore_trainable)
 
 __all__ = ["train_loop", "train_extension"]
 
@@ -66,7 +67,7 @@ def train_loop(config: dict) -> None:
     original = torch.from_numpy(np.asarray(config["original"], dtype=bool))
     plan = np.asarray(config["plan"])
     steps = len(plan)
-    metrics = _trainer_metrics(config["run"]) if rank == 0 else None
+    metrics = rank0_metrics(config["run"], rank)
     for step in range(start, steps):
         inject_worker_fault(config, step, rank, world)
         rows = torch.from_numpy(plan[step][rank::world])
@@ -92,10 +93,6 @@ def train_loop(config: dict) -> None:
             else:
                 _report(history[-1])
 
-
-def _trainer_metrics(run: str):
-    from actors.metrics import TrainerMetrics
-    return TrainerMetrics(run)
 
 
 def train_extension(cfg, adapter_json: str, blocks: np.ndarray, original: np.ndarray, plan: np.ndarray,

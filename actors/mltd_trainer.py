@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from actors.train_checkpoint import inject_worker_fault, report_checkpoint, restore_trainable
+from actors.train_checkpoint import (inject_worker_fault, rank0_metrics, report_checkpoint,
+                                     restore_trainable)
 
 __all__ = ["train_loop", "meta_train"]
 
@@ -53,7 +54,7 @@ def train_loop(config: dict) -> None:
     start, history = restore_trainable(model, opt, "cpu", WEIGHTS_FILE)
     tasks = [Task(name, torch.tensor(train), torch.tensor(test)) for name, train, test in config["tasks"]]
     mode = "multitask" if cfg.method == "multitask" else "maml"
-    metrics = _trainer_metrics(config["run"]) if rank == 0 else None
+    metrics = rank0_metrics(config["run"], rank)
     for step in range(start, cfg.meta_steps):
         inject_worker_fault(config, step, rank, world)
         buffer = meta_gradient_rows(model, params, tasks, cfg.seed, step, range(rank, cfg.meta_batch, world),
@@ -74,10 +75,6 @@ def train_loop(config: dict) -> None:
             else:
                 ray.train.report(history[-1])
 
-
-def _trainer_metrics(run: str):
-    from actors.metrics import TrainerMetrics
-    return TrainerMetrics(run)
 
 
 def meta_train(cfg, cfg_dict: dict, tasks: list, storage: str, fault_marker: str) -> dict:

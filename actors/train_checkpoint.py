@@ -1,6 +1,6 @@
-"""What every Ray Train loop of raydapt (expert, extension, MLtD, re-ranker) does the same way: a
-checkpoint is a directory of the trained weights, the optimizer's state and the counters
-(state.json), written without pickle; a run restores its last one; and `kill-worker:after-steps=N`
+"""What every Ray Train loop of raydapt (expert, extension, MLtD, re-ranker) does the same way: rank 0
+reports the metrics; a checkpoint is a directory of the trained weights, the optimizer's state and
+the counters (state.json), written without pickle; a run restores its last one; and `kill-worker:after-steps=N`
 kills one worker once, to show that a restart from the last checkpoint changes nothing."""
 from __future__ import annotations
 
@@ -12,9 +12,18 @@ from typing import Callable
 
 from raydapt.models.checkpoint import load_optimizer_state, save_optimizer_state
 
-__all__ = ["OPTIMIZER_FILE", "inject_worker_fault", "report_checkpoint", "restore_checkpoint", "restore_trainable"]
+__all__ = ["OPTIMIZER_FILE", "rank0_metrics", "inject_worker_fault", "report_checkpoint", "restore_checkpoint",
+           "restore_trainable"]
 
 OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW's / Adam's state (raydapt.models.checkpoint)
+
+
+def rank0_metrics(run: str, rank: int):
+    """The loop's Ray metrics (actors.metrics.TrainerMetrics), reported by rank 0 only: None elsewhere."""
+    if rank != 0:
+        return None
+    from actors.metrics import TrainerMetrics
+    return TrainerMetrics(run)
 
 
 def inject_worker_fault(config: dict, step: int, rank: int, world: int) -> None:

@@ -101,8 +101,8 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
                       if loss_ratios else "–")
         agreement = _mean_std([r["student_agreement_mean"] for r in rows[name]], scale=1.0, digits=3)
         # --diagnose-gradient runs only: cos(student's gradient, teacher's true one) at the start points
-        cosine = _mean_std([r["gradient_cosine_mean"] for r in rows[name] if r.get("gradient_cosine_mean") is not None],
-                           scale=1.0, digits=3)
+        cosine = _mean_std([r["gradient_cosine_mean"] for r in rows[name]
+                            if r.get("gradient_cosine_mean") is not None], scale=1.0, digits=3)
         injected = _mean_std([r["injected_points"] for r in rows[name]], scale=1.0, digits=1)
         # None: the gradient-only ablation, whose every winner is a gradient point by construction
         won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]

@@ -32,7 +32,8 @@ class TeacherGradient:
             for p in model.parameters():
                 p.requires_grad_(False)
             self.teacher = Student(model, space, label_ids, StudentSettings())
-        self.ids, self.lengths, self.labels = (torch.as_tensor(a) for a in (train.input_ids, train.lengths, train.labels))
+        self.ids, self.lengths, self.labels = (torch.as_tensor(a)
+                                               for a in (train.input_ids, train.lengths, train.labels))
 
     def loss(self, z: np.ndarray) -> float:
         """The teacher's task loss at z (the oracle's loss there, from the white box)."""

@@ -50,7 +50,7 @@ class GDFOState(SearchState):
     rho: float | None = None            # Spearman(student forecast, teacher loss), last generation
     rhos: list = field(default_factory=list)
     cosines: list = field(default_factory=list)  # --diagnose-gradient: student vs teacher gradient, per generation
-    white_box_gap: float | None = None  # --diagnose-gradient: |white-box loss - oracle loss| at generation 1's first point
+    white_box_gap: float | None = None  # --diagnose-gradient: |white-box - oracle loss| at generation 1's first point
     injected: int = 0
     injected_won: int = 0               # generations whose best candidate was a gradient point
     wait_s: float = 0.0                 # coordinator time blocked on the student
@@ -67,7 +67,8 @@ class GDFOSearch(PromptSearch):
         train = (data.train.input_ids, data.train.lengths, data.train.labels)
         self.student = start_student(cfg.student, cfg.student_settings(), data.label_ids, train, cfg.intrinsic_dim,
                                      cfg.prompt_length, cfg.alpha, cfg.sigma, cfg.projection)
-        self.teacher_gradient = TeacherGradient(cfg.model, space, data.label_ids, data.train) if cfg.diagnose_gradient else None
+        self.teacher_gradient = (TeacherGradient(cfg.model, space, data.label_ids, data.train)
+                                 if cfg.diagnose_gradient else None)
 
     # --- state -------------------------------------------------------------------------------
     def fresh_state(self) -> GDFOState:

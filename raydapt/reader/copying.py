@@ -14,7 +14,8 @@ __all__ = ["copy_accuracy"]
 
 
 @torch.no_grad()
-def copy_accuracy(model, vocab_size: int, rows: int = 16, length: int = 50, first_id: int = 100, seed: int = 0) -> float:
+def copy_accuracy(model, vocab_size: int, rows: int = 16, length: int = 50, first_id: int = 100,
+                  seed: int = 0) -> float:
     """Share of the second repeat's tokens (after its first) that are the model's greedy argmax.
 
     Token ids are drawn uniformly from [first_id, vocab_size), away from special and byte tokens.
