@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,46 @@ def test_reader_run_packs_trains_the_prompt_and_records_everything(small_task, t
     moved = np.linalg.norm(prompt - scale * draw) / np.linalg.norm(prompt)
     assert prompt.shape == (8, 256) and scale > 0 and 1e-3 < moved < 0.9
     assert (tmp_path / "run" / "curve.png").is_file() and (tmp_path / "run" / "result.json").is_file()
+
+
+READER = [sys.executable, str(ROOT / "jobs" / "reader.py")]
+
+
+def untimed(result: dict) -> dict:
+    """What a run computed: not where (index_dir, config), how long, or what its own process served."""
+    kept = {k: v for k, v in result.items() if k not in ("wall_time_s", "config", "fault_tolerance", "oracle_usage")}
+    return kept | {"packing": {k: v for k, v in result["packing"].items() if k != "index_dir"}}
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_reader_same_bytes_on_1x1_and_after_a_kill_and_a_resume_on_2x2(small_task, tmp_path):
+    """Killed in process, resumed on 2 x 2 stage actors (one killed during a training step) with every
+    result-neutral field changed (a fresh index in another directory too): the same bytes."""
+    from raydapt.reader.config import RESULT_NEUTRAL_FIELDS
+    from tests.test_bbt_job import check_resume_changes, kill_mid_run
+
+    small = ["--mode", "retriever", "--task-dir", str(small_task), "--top-n", "10", "--steps", "8",
+             "--eval-every", "2", "--batch", "4", "--seed", "3"]
+    first_index = ["--local", "--index-dir", str(tmp_path / "index")]
+    whole, killed, moved = (tmp_path / n for n in ("whole", "killed", "moved"))
+    done = subprocess.run([*READER, *small, *first_index, "--output-dir", str(whole)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before = kill_mid_run([*READER, *small, *first_index], killed, rows=3)
+    killed.rename(moved)
+    changes = ["--replicas", "2", "--stages", "2", "--cpus-per-stage", "2", "--log-every", "1", "--recompute",
+               "--fault-injection", "kill-stage:after-calls=3,stage=1", "--index-dir", str(tmp_path / "index2")]
+    done = subprocess.run([*READER, *small, *changes, "--output-dir", str(moved), "--resume"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((moved / "result.json").read_text())
+    check_resume_changes(moved / "config.json", result, RESULT_NEUTRAL_FIELDS)
+    assert (whole / "prompt.safetensors").read_bytes() == (moved / "prompt.safetensors").read_bytes()
+    assert untimed(json.loads((whole / "result.json").read_text())) == untimed(result)
+    assert (whole / "log.jsonl").read_text() == (moved / "log.jsonl").read_text()
+    assert (moved / "log.jsonl").read_text().splitlines()[:2] == before[:2]  # kept, not redone
+    assert result["fault_tolerance"]["injected"] and result["fault_tolerance"]["stage_restarts"] == 1
 
 
 def result_config(cfg, task_dir):
