@@ -36,6 +36,7 @@ from raydapt.gdfo.config import QUICK, GDFOConfig
 from raydapt.bbt.job import run_search_job
 from raydapt.config import parse_args
 from raydapt.gdfo.job import _gdfo_result
+from raydapt.gdfo.diagnosis import cosine, task_gradient as gradient, task_loss
 from raydapt.gdfo.search import GDFOSearch
 from raydapt.gdfo.student import Student, StudentSettings
 from raydapt.gdfo.worker import InlineStudent, StudentWorker
@@ -48,24 +49,6 @@ RADII = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 def _load(path: str):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).float().eval()
-
-
-def gradient(model: Student, z: np.ndarray, split) -> tuple[np.ndarray, float]:
-    """(d(task loss)/dz (d,), task loss) of `model` (a Student wrapper) on `split` at z (d,)."""
-    zt = torch.tensor(np.asarray(z, np.float32), requires_grad=True)
-    ids, lens, labels = (torch.as_tensor(a) for a in (split.input_ids, split.lengths, split.labels))
-    loss = F.cross_entropy(model.label_logits(zt[None], ids, lens)[0], labels)
-    (g,) = torch.autograd.grad(loss, zt)
-    return g.numpy().astype(np.float64), loss.item()
-
-
-def task_loss(model: Student, z: np.ndarray, split) -> float:
-    ids, lens, labels = (torch.as_tensor(a) for a in (split.input_ids, split.lengths, split.labels))
-    return float(model.task_losses(np.asarray(z)[None], ids, lens, labels)[0])
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
 class DiagnosedGDFO(GDFOSearch):

@@ -16,11 +16,25 @@ import torch.nn.functional as F
 
 from raydapt.gdfo.student import Student, StudentSettings
 
-__all__ = ["TeacherGradient", "cosine"]
+__all__ = ["TeacherGradient", "cosine", "task_gradient", "task_loss"]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def task_gradient(model: Student, z: np.ndarray, split) -> tuple[np.ndarray, float]:
+    """(d(task loss)/dz (d,), task loss) of `model` (a Student wrapper) on `split` at z (d,)."""
+    zt = torch.tensor(np.asarray(z, np.float32), requires_grad=True)
+    ids, lens, labels = (torch.as_tensor(a) for a in (split.input_ids, split.lengths, split.labels))
+    loss = F.cross_entropy(model.label_logits(zt[None], ids, lens)[0], labels)
+    (grad,) = torch.autograd.grad(loss, zt)
+    return grad.numpy().astype(np.float64), loss.item()
+
+
+def task_loss(model: Student, z: np.ndarray, split) -> float:
+    ids, lens, labels = (torch.as_tensor(a) for a in (split.input_ids, split.lengths, split.labels))
+    return float(model.task_losses(np.asarray(z)[None], ids, lens, labels)[0])
 
 
 class TeacherGradient:
@@ -32,19 +46,15 @@ class TeacherGradient:
             for p in model.parameters():
                 p.requires_grad_(False)
             self.teacher = Student(model, space, label_ids, StudentSettings())
-        self.ids, self.lengths, self.labels = (torch.as_tensor(a)
-                                               for a in (train.input_ids, train.lengths, train.labels))
+        self.train = train
 
     def loss(self, z: np.ndarray) -> float:
         """The teacher's task loss at z (the oracle's loss there, from the white box)."""
-        return float(self.teacher.task_losses(np.asarray(z)[None], self.ids, self.lengths, self.labels)[0])
+        return task_loss(self.teacher, z, self.train)
 
     def gradient(self, z: np.ndarray) -> np.ndarray:
         """d(task loss)/dz at z, (d,)."""
-        zt = torch.tensor(np.asarray(z, np.float32), requires_grad=True)
-        loss = F.cross_entropy(self.teacher.label_logits(zt[None], self.ids, self.lengths)[0], self.labels)
-        (grad,) = torch.autograd.grad(loss, zt)
-        return grad.numpy().astype(np.float64)
+        return task_gradient(self.teacher, z, self.train)[0]
 
     def student_cosine(self, start: np.ndarray, path: np.ndarray) -> float:
         """cos(student's gradient, teacher's gradient) at `start`, from the student's descent path."""
