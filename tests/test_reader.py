@@ -208,6 +208,11 @@ def test_reader_run_packs_trains_the_prompt_and_records_everything(small_task, t
 READER = [sys.executable, str(ROOT / "jobs" / "reader.py")]
 
 
+def run_reader(*args) -> None:
+    done = subprocess.run([*READER, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def untimed(result: dict) -> dict:
     """What a run computed: not where (index_dir, config), how long, or what its own process served."""
     kept = {k: v for k, v in result.items() if k not in ("wall_time_s", "config", "fault_tolerance", "oracle_usage")}
@@ -226,16 +231,12 @@ def test_reader_same_bytes_on_1x1_and_after_a_kill_and_a_resume_on_2x2(small_tas
              "--eval-every", "2", "--batch", "4", "--seed", "3"]
     first_index = ["--local", "--index-dir", str(tmp_path / "index")]
     whole, killed, moved = (tmp_path / n for n in ("whole", "killed", "moved"))
-    done = subprocess.run([*READER, *small, *first_index, "--output-dir", str(whole)], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reader(*small, *first_index, "--output-dir", whole)
     before = kill_mid_run([*READER, *small, *first_index], killed, rows=3)
     killed.rename(moved)
     changes = ["--replicas", "2", "--stages", "2", "--cpus-per-stage", "2", "--log-every", "1", "--recompute",
                "--fault-injection", "kill-stage:after-calls=3,stage=1", "--index-dir", str(tmp_path / "index2")]
-    done = subprocess.run([*READER, *small, *changes, "--output-dir", str(moved), "--resume"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_reader(*small, *changes, "--output-dir", moved, "--resume")
     result = json.loads((moved / "result.json").read_text())
     check_resume_changes(moved / "config.json", result, RESULT_NEUTRAL_FIELDS)
     assert (whole / "prompt.safetensors").read_bytes() == (moved / "prompt.safetensors").read_bytes()
