@@ -32,6 +32,9 @@ def table(result: dict) -> str:
         lines.append(f"gradient points injected: {result['injected_points']} (trusted only while the student's "
                      f"rank agreement is significant); generations they won: "
                      f"{result['generations_won_by_gradient_points']}")
+    if result.get("guided_points_per_generation"):
+        lines.append(f"guided samples ({result['guided_points_per_generation']} of {result['config']['popsize']} per generation) "
+                     f"won {result['generations_won_by_guided_points']} of {result['generations']} generations")
     lines.append(f"student agreement (Spearman, last 10 generations): {result['student_agreement_last10']:.3f}; "
                  f"waited {result['student_wait_s']:.1f} s for the student")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIAGNOSE = ["--diagnose-gradient"]
 KL_LEARNED = ["--distill", "kl", "--temperature", "1", "--student-map", "learned", "--student-steps", "16",
               "--student-lr", "0.003"]
+GUIDED = ["--guided-share", "0.4"]
 STUDENT64 = str(REPO / "raydapt" / "assets" / "models" / "student64")
 
 RUNS = {  # name: (job, extra flags)
@@ -47,6 +48,12 @@ RUNS = {  # name: (job, extra flags)
     # it reaches 73% test on the quick preset, where the width-32 default reaches 36% (docs/gdfo.md).
     "gdfo-student64": ("gdfo", ["--baseline", "none", "--student", STUDENT64, *DIAGNOSE]),
     "gdfo-student64-kl-learned": ("gdfo", ["--baseline", "none", "--student", STUDENT64, *KL_LEARNED, *DIAGNOSE]),
+    # Guided ES (Maheswaranathan et al. 2019): 40% of each generation sampled in the span of the student's
+    # last 3 gradient directions, no extra calls; with the width-32 student (cosine ~0) and the width-64
+    # KL-learned one (cosine ~0.2).
+    "gdfo-guided": ("gdfo", ["--baseline", "none", *GUIDED, *DIAGNOSE]),
+    "gdfo-student64-kl-learned-guided": ("gdfo", ["--baseline", "none", "--student", STUDENT64, *KL_LEARNED,
+                                                  *GUIDED, *DIAGNOSE]),
     "gradient-white-box": ("prompt_tuning", []),
     "comblm": ("comblm", []),
     "comblm-mix50": ("comblm", ["--fit-mix", "0.5"]),

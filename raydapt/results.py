@@ -108,18 +108,29 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
         won = _mean_std([r["generations_won_by_gradient_points"] for r in rows[name]
                          if r.get("generations_won_by_gradient_points") is not None], scale=1.0, digits=1)
         lines.append(f"| {name} | {reached}/{len(rows[name])} | {ratio} | {loss_ratio} | {agreement} | {cosine} | {injected} "
-                     f"| {won} |")
+                     f"| {won} | {_guided_wins(rows[name])} |")
     if not lines:
         return []
     return ["GDFO runs: API calls to reach BBT's (pycma, same seed) final dev accuracy, as a fraction of BBT's "
             "calls; the student's rank agreement with the teacher (Spearman rho per generation, mean) and the cosine "
             "between its gradient and the teacher's true one (per generation, mean; a random direction's mean |cos| "
             "is sqrt(2 / (pi d)): 0.08 at d = 100, 0.11 at d = 50); the gradient points the teacher scored, and the generations whose best point "
-            "was one of them:", "",
+            "was one of them; with --guided-share, the share of generations whose best point was a guided sample "
+            "(mean over seeds) beside the share chance gives (guided samples / population):", "",
             "| run | seeds that reached it | mean calls ratio (run / BBT) | calls ratio to BBT's final train loss "
-            "(seeds) | student rho | gradient cosine | gradient points | generations won by them |",
-            "|---|---|---|---|---|---|---|---|",
+            "(seeds) | student rho | gradient cosine | gradient points | generations won by them "
+            "| generations won by guided samples (chance) |",
+            "|---|---|---|---|---|---|---|---|---|",
             *lines, ""]
+
+
+def _guided_wins(runs: list[dict]) -> str:
+    guided = [r for r in runs if r.get("guided_points_per_generation")]
+    if not guided:
+        return "–"
+    won = statistics.mean(r["generations_won_by_guided_points"] / r["generations"] for r in guided)
+    chance = statistics.mean(r["guided_points_per_generation"] / r["config"]["popsize"] for r in guided)
+    return f"{won:.2f} ({chance:.2f})"
 
 
 def _train_loss_call_ratios(runs: list[dict], bbt: dict[int, dict]) -> list[float]:

@@ -31,10 +31,16 @@ def test_tables_from_known_results(tmp_path):
     write_run(runs, "quick", "bbt-cma", 2, bbt(0.7, 0.6), [{"api_calls": 80, "dev_accuracy": 0.6}])
     write_run(runs, "quick", "gdfo", 1, gdfo(0.7, 0.7, 0.1, 10, 1) | {"gradient_cosine_mean": 0.3}, [{"api_calls": 40, "dev_accuracy": 0.7}])
     write_run(runs, "quick", "gdfo", 2, gdfo(0.5, 0.5, 0.3, 20, 3), [{"api_calls": 40, "dev_accuracy": 0.5}])
+    # guided samples won 6 of 10 and 3 of 10 generations, 4 of a population of 10 each time
+    guided = {"generations": 10, "guided_points_per_generation": 4, "config": {"popsize": 10}}
+    for seed, won in ((1, 6), (2, 3)):
+        write_run(runs, "quick", "gdfo-guided", seed, gdfo(0.6, 0.6, 0.1, 0, 0) | guided
+                  | {"generations_won_by_guided_points": won})
     text = render(collect(runs))
     assert "| bbt-cma | bbt | cma | 1, 2 | 100 | 50.00 ± 0.00 | 60.00 ± 0.00 | 65.00 ± 7.07 |" in text
     # the cosine: over the runs that measured it (--diagnose-gradient)
-    assert "| gdfo | 1/2 | 0.50 | – | 0.200 ± 0.141 | 0.300 | 15.0 ± 7.1 | 2.0 ± 1.4 |" in text
+    assert "| gdfo | 1/2 | 0.50 | – | 0.200 ± 0.141 | 0.300 | 15.0 ± 7.1 | 2.0 ± 1.4 | – |" in text
+    assert "| 0.0 ± 0.0 | 0.45 (0.40) |" in text
     # paired by seed: 70 - 60 and 50 - 70 points; t = -0.05 / (0.2121 / sqrt 2), 1 df: p = 0.80
     assert "| gdfo | 2 | -5.00 ± 21.21 | 0.80 |" in text
     block = readme_block(collect(runs))

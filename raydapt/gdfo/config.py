@@ -45,6 +45,10 @@ class GDFOConfig(BBTConfig):
     diagnose_gradient: bool = field(False, "each generation, the cosine between the student's gradient and the "
                                     "teacher's true one at the student's start point, computed in this process from "
                                     "--model's checkpoint (a white box) and never given to the search")
+    guided_share: float = field(0.0, "share of the points CMA-ES asks each generation that are instead sampled, in "
+                                "antithetic pairs around its mean, in the span of the student's last "
+                                "--guided-history gradient directions (guided ES); no extra API calls; 0: off")
+    guided_history: int = field(3, "how many of the student's recent gradient directions span the guided subspace")
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +68,16 @@ class GDFOConfig(BBTConfig):
         check(self.trust_window >= 1, "trust_window", f"must be >= 1, got {self.trust_window}")
         check(-1 <= self.min_trust <= 1, "min_trust", f"must be in [-1, 1], got {self.min_trust}")
         check(self.grad_start == "best" or self.optimizer == "cma", "grad_start", "mean needs --optimizer cma")
+        check(0 <= self.guided_share < 1, "guided_share", f"must be in [0, 1), got {self.guided_share}")
+        check(self.guided_share == 0 or (self.optimizer == "cma" and self.variant == "gdfo"), "guided_share",
+              "guided sampling needs CMA-ES's mean and step size: --optimizer cma, --variant gdfo")
+        check(self.guided_share == 0 or self.guided_points() >= 2, "guided_share",
+              f"{self.guided_share} of --popsize {self.popsize} is less than one antithetic pair")
+        check(self.guided_history >= 1, "guided_history", f"must be >= 1, got {self.guided_history}")
+
+    def guided_points(self) -> int:
+        """Asked points replaced by guided samples each generation: an even number (antithetic pairs)."""
+        return 2 * int(self.guided_share * self.popsize / 2)
 
     def student_settings(self) -> StudentSettings:
         return StudentSettings(temperature=self.temperature, distill=self.distill, hard_weight=self.hard_weight,

@@ -1,8 +1,9 @@
 """The GDFO coordinator: BBT's loop, with a distilled student's gradient points in the population.
 
 Generation g (docs/gdfo.md has the equations):
-  1. ask P candidates Z_g; add n_g points G_g from the student's gradient path of generation g-1,
-     n_g = round(max_inject * max(0, rho_{g-1})) with rho the student's forecast quality;
+  1. ask P candidates Z_g (with --guided-share, some are sampled in the span of the student's recent
+     gradient directions instead); add n_g points G_g from the student's gradient path of generation
+     g-1, n_g = round(max_inject * max(0, rho_{g-1})) with rho the student's forecast quality;
   2. the student (its own actor) learns from the teacher's answers to generation g-1, forecasts the
      loss of Z_g + G_g, and descends from the best z so far: fixed work, started before step 3;
   3. the teacher scores Z_g + G_g in one oracle request, concurrently with step 2;
@@ -23,7 +24,7 @@ from raydapt.gdfo.diagnosis import TeacherGradient
 from raydapt.gdfo.student import spearman
 from raydapt.gdfo.worker import InlineStudent
 
-__all__ = ["GDFOState", "GDFOSearch", "trust_level"]
+__all__ = ["GDFOState", "GDFOSearch", "guided_samples", "trust_level"]
 
 
 def trust_level(rhos: list[float], window: int, points: int, min_trust: float) -> float:
@@ -42,6 +43,17 @@ def trust_level(rhos: list[float], window: int, points: int, min_trust: float) -
     return mean if mean >= max(min_trust, 2.0 * noise) else 0.0
 
 
+def guided_samples(mean: np.ndarray, std: float, guides: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Guided ES (Maheswaranathan et al., ICML 2019): n antithetic samples mean +- u, (n, d), u
+    Gaussian in the span of `guides` (k, d) and as long as a sample of N(mean, std^2 I_d) (about
+    std sqrt(d)). The teacher ranks both signs, so a direction that helps moves CMA-ES's mean along
+    it, and a useless one costs only the diversity of the n samples it replaced."""
+    basis, _ = np.linalg.qr(np.asarray(guides, np.float64).T)  # (d, k) orthonormal
+    d, k = basis.shape
+    steps = rng.standard_normal((n // 2, k)) @ basis.T * std * np.sqrt(d / k)
+    return np.concatenate([mean + steps, mean - steps])
+
+
 @dataclass
 class GDFOState(SearchState):
     student: bytes | None = None
@@ -53,6 +65,8 @@ class GDFOState(SearchState):
     white_box_gap: float | None = None  # --diagnose-gradient: |white-box - oracle loss| at generation 1's first point
     injected: int = 0
     injected_won: int = 0               # generations whose best candidate was a gradient point
+    guides: np.ndarray | None = None    # --guided-share: the student's last gradient directions (k, d), unit
+    guided_won: int = 0                 # generations whose best candidate was a guided sample
     wait_s: float = 0.0                 # coordinator time blocked on the student
     student_s: float = 0.0              # student compute time
     teacher_s: float = 0.0              # teacher (oracle) time
@@ -108,10 +122,29 @@ class GDFOSearch(PromptSearch):
                 rng = np.random.default_rng(cfg.seed)
                 return rng.normal(0, cfg.sigma, (cfg.popsize, cfg.intrinsic_dim))
             return np.zeros((0, cfg.intrinsic_dim))
-        return np.asarray(self.optimizers[0].ask(), dtype=np.float64)
+        return self._guided(state, np.asarray(self.optimizers[0].ask(), dtype=np.float64))
+
+    def _guided(self, state: GDFOState, asked: np.ndarray) -> np.ndarray:
+        """The last --guided-share of the asked points become guided samples (`guided_samples`),
+        seeded by (seed, generation): a resumed run samples the same points."""
+        n = self.cfg.guided_points()
+        if n == 0 or state.guides is None:
+            return asked
+        opt = self.optimizers[0]
+        rng = np.random.default_rng([self.cfg.seed, state.generation, 0x6D1DED])
+        return np.concatenate([asked[:len(asked) - n], guided_samples(opt.mean(), opt.sample_std(), state.guides, n, rng)])
+
+    def _remember_direction(self, state: GDFOState, start: np.ndarray, path: np.ndarray) -> None:
+        """Keep the student's descent direction at `start` (its path's first step) for guided sampling."""
+        direction = np.asarray(start, np.float64) - path[0]
+        norm = np.linalg.norm(direction)
+        if norm > 0:
+            rows = [] if state.guides is None else list(state.guides)
+            state.guides = np.stack([*rows, direction / norm][-self.cfg.guided_history:])
 
     def step(self, state: GDFOState) -> dict:
         cfg = self.cfg
+        guided = cfg.guided_points() if state.guides is not None else 0  # the last `guided` asked points
         asked = self._population(state)
         injected = self._injections(state, max(0, cfg.budget - state.api_calls - len(asked)))
         z = np.concatenate([asked, injected])                          # (P + n, d)
@@ -128,6 +161,8 @@ class GDFOSearch(PromptSearch):
         state.wait_s += time.perf_counter() - waited
         state.student_s += out["compute_s"]
         state.student, state.path, state.learn = out["state"], out["path"], (z.astype(np.float32), logits)
+        if cfg.guided_points():
+            self._remember_direction(state, start, out["path"])
         # Agreement on the optimizer's own samples only: the student's proposals are points it
         # descended to, where its forecast is biased low (with no asked points: all of them).
         ranked = slice(0, len(asked)) if len(asked) >= 3 else slice(None)
@@ -145,12 +180,15 @@ class GDFOSearch(PromptSearch):
         # gradient-only ablation) every winner is a gradient point by construction: not counted.
         won = bool(len(asked) > 0 and len(injected) > 0 and best >= len(asked))
         state.injected_won += int(won)
+        guided_won = bool(guided and len(asked) - guided <= best < len(asked))
+        state.guided_won += int(guided_won)
         if losses[best] < state.best_train_loss:
             state.best_train_loss, state.best_train_z = float(losses[best]), z[best].copy()
         return {"generation": state.generation, "layer": 0, "api_calls": state.api_calls,
                 "population_mean_loss": float(np.mean(losses)), "population_best_loss": float(losses[best]),
                 "best_train_loss": state.best_train_loss, "injected": len(injected),
                 "injected_won": won, "rho": state.rho,
+                **({"guided": guided, "guided_won": guided_won} if cfg.guided_points() else {}),
                 **({"gradient_cosine": state.cosines[-1]} if self.teacher_gradient is not None else {}),
                 "student_loss": out["train_loss"], "student_wait_s": round(state.wait_s, 4),
                 "train_accuracy_of_best": float(accuracy(logits[best], self.data.train.labels))}
@@ -168,6 +206,9 @@ class GDFOSearch(PromptSearch):
                 "white_box_loss_gap": state.white_box_gap,
                 "injected_points": state.injected,
                 "generations_won_by_gradient_points": state.injected_won if self.cfg.variant == "gdfo" else None,
+                # By chance a guided sample wins about guided_points / popsize of the generations.
+                **({"guided_points_per_generation": self.cfg.guided_points(),
+                    "generations_won_by_guided_points": state.guided_won} if self.cfg.guided_points() else {}),
                 "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
                 "teacher_time_s": state.teacher_s,
                 # What the student's process holds: its own tensors only (an audit of the boundary).

@@ -172,6 +172,11 @@ class CMAOptimizer(_Base):
         """The current distribution mean (a copy): GDFO can start its gradient steps there."""
         return np.array(self._es.mean, dtype=np.float64)
 
+    def sample_std(self) -> float:
+        """The root-mean-square per-coordinate std of the sampling distribution: an asked point lies
+        about sample_std() * sqrt(dim) from the mean."""
+        return float(np.sqrt(np.mean(np.square(self._es.stds))))
+
 
 class NevergradOptimizer(_Base):
     """Any `nevergrad.optimizers.registry` optimizer over ng.p.Array((dim,)) with mutation sigma.
