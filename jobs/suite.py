@@ -52,6 +52,8 @@ RUNS = {  # name: (job, extra flags)
     # last 3 gradient directions, no extra calls; with the width-32 student (cosine ~0) and the width-64
     # KL-learned one (cosine ~0.2).
     "gdfo-guided": ("gdfo", ["--baseline", "none", *GUIDED, *DIAGNOSE]),
+    # The control: the same sampling (antithetic pairs in a 3-d span, at CMA-ES's step length) along random directions.
+    "gdfo-guided-random": ("gdfo", ["--baseline", "none", *GUIDED, "--guided-source", "random", *DIAGNOSE]),
     "gdfo-student64-kl-learned-guided": ("gdfo", ["--baseline", "none", "--student", STUDENT64, *KL_LEARNED,
                                                   *GUIDED, *DIAGNOSE]),
     "gradient-white-box": ("prompt_tuning", []),

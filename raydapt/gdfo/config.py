@@ -49,6 +49,9 @@ class GDFOConfig(BBTConfig):
                                 "antithetic pairs around its mean, in the span of the student's last "
                                 "--guided-history gradient directions (guided ES); no extra API calls; 0: off")
     guided_history: int = field(3, "how many of the student's recent gradient directions span the guided subspace")
+    guided_source: str = field("student", "the guided directions: the student's gradients, or seeded random "
+                               "directions (the control: the same sampling geometry without the student)",
+                               choices=("student", "random"))
 
     def __post_init__(self):
         super().__post_init__()

@@ -135,8 +135,12 @@ class GDFOSearch(PromptSearch):
         return np.concatenate([asked[:len(asked) - n], guided_samples(opt.mean(), opt.sample_std(), state.guides, n, rng)])
 
     def _remember_direction(self, state: GDFOState, start: np.ndarray, path: np.ndarray) -> None:
-        """Keep the student's descent direction at `start` (its path's first step) for guided sampling."""
-        direction = np.asarray(start, np.float64) - path[0]
+        """Keep the student's descent direction at `start` (its path's first step) for guided sampling,
+        or, as the control, a seeded random direction."""
+        if self.cfg.guided_source == "random":
+            direction = np.random.default_rng([self.cfg.seed, state.generation, 0xD1CE]).standard_normal(len(start))
+        else:
+            direction = np.asarray(start, np.float64) - path[0]
         norm = np.linalg.norm(direction)
         if norm > 0:
             rows = [] if state.guides is None else list(state.guides)
