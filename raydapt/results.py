@@ -116,10 +116,11 @@ def _gdfo_table(rows: dict[str, list[dict]]) -> list[str]:
             "between its gradient and the teacher's true one (per generation, mean; a random direction's mean |cos| "
             "is sqrt(2 / (pi d)): 0.08 at d = 100, 0.11 at d = 50); the gradient points the teacher scored, and the generations whose best point "
             "was one of them; with --guided-share, the share of generations whose best point was a guided sample "
-            "(mean over seeds) beside the share chance gives (guided samples / population):", "",
+            "(mean over seeds) beside guided samples / population (not the null: an antithetic pair's better half wins "
+            "more often than a lone sample; the null is the same sampling along random directions, gdfo-guided-random):", "",
             "| run | seeds that reached it | mean calls ratio (run / BBT) | calls ratio to BBT's final train loss "
             "(seeds) | student rho | gradient cosine | gradient points | generations won by them "
-            "| generations won by guided samples (chance) |",
+            "| generations won by guided samples (guided share of population) |",
             "|---|---|---|---|---|---|---|---|---|",
             *lines, ""]
 
