@@ -130,8 +130,8 @@ def _guided_wins(runs: list[dict]) -> str:
     if not guided:
         return "–"
     won = statistics.mean(r["generations_won_by_guided_points"] / r["generations"] for r in guided)
-    chance = statistics.mean(r["guided_points_per_generation"] / r["config"]["popsize"] for r in guided)
-    return f"{won:.2f} ({chance:.2f})"
+    share = statistics.mean(r["guided_points_per_generation"] / r["config"]["popsize"] for r in guided)
+    return f"{won:.2f} ({share:.2f})"
 
 
 def _train_loss_call_ratios(runs: list[dict], bbt: dict[int, dict]) -> list[float]:

@@ -210,7 +210,7 @@ class GDFOSearch(PromptSearch):
                 "white_box_loss_gap": state.white_box_gap,
                 "injected_points": state.injected,
                 "generations_won_by_gradient_points": state.injected_won if self.cfg.variant == "gdfo" else None,
-                # By chance a guided sample wins about guided_points / popsize of the generations.
+                # Compare with --guided-source random (the same sampling), not with guided_points / popsize.
                 **({"guided_points_per_generation": self.cfg.guided_points(),
                     "generations_won_by_guided_points": state.guided_won} if self.cfg.guided_points() else {}),
                 "student_wait_s": state.wait_s, "student_compute_s": state.student_s,
