@@ -6,7 +6,7 @@ coordinator from the teacher's own checkpoint (a local white box: raydapt's defa
 checkpoint directory), through the job's own projection A_T. It goes to the log and result.json
 and never into the search: a run with the diagnosis asks and tells exactly what it would without.
 The student's gradient direction needs no extra call: its path's first point is z0 minus a
-normalised gradient step, so z0 - path[0] points along the student's gradient.
+normalised gradient step (`descent_direction`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raydapt.gdfo.student import Student, StudentSettings
+from raydapt.gdfo.student import Student, StudentSettings, descent_direction
 
 __all__ = ["TeacherGradient", "cosine", "task_gradient", "task_loss"]
 
@@ -58,4 +58,4 @@ class TeacherGradient:
 
     def student_cosine(self, start: np.ndarray, path: np.ndarray) -> float:
         """cos(student's gradient, teacher's gradient) at `start`, from the student's descent path."""
-        return cosine(np.asarray(start) - path[0], self.gradient(start))
+        return cosine(descent_direction(start, path), self.gradient(start))

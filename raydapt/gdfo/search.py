@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from raydapt.bbt.losses import accuracy
 from raydapt.bbt.search import PromptSearch, SearchState
 from raydapt.gdfo.diagnosis import TeacherGradient
-from raydapt.gdfo.student import spearman
+from raydapt.gdfo.student import descent_direction, spearman
 from raydapt.gdfo.worker import InlineStudent
 
 __all__ = ["GDFOState", "GDFOSearch", "guided_samples", "trust_level"]
@@ -122,14 +122,11 @@ class GDFOSearch(PromptSearch):
                 rng = np.random.default_rng(cfg.seed)
                 return rng.normal(0, cfg.sigma, (cfg.popsize, cfg.intrinsic_dim))
             return np.zeros((0, cfg.intrinsic_dim))
-        return self._guided(state, np.asarray(self.optimizers[0].ask(), dtype=np.float64))
+        return np.asarray(self.optimizers[0].ask(), dtype=np.float64)
 
-    def _guided(self, state: GDFOState, asked: np.ndarray) -> np.ndarray:
-        """The last --guided-share of the asked points become guided samples (`guided_samples`),
-        seeded by (seed, generation): a resumed run samples the same points."""
-        n = self.cfg.guided_points()
-        if n == 0 or state.guides is None:
-            return asked
+    def _guided(self, state: GDFOState, asked: np.ndarray, n: int) -> np.ndarray:
+        """The last n asked points become guided samples (`guided_samples`), seeded by (seed,
+        generation): a resumed run samples the same points."""
         opt = self.optimizers[0]
         rng = np.random.default_rng([self.cfg.seed, state.generation, 0x6D1DED])
         return np.concatenate([asked[:len(asked) - n], guided_samples(opt.mean(), opt.sample_std(), state.guides, n, rng)])
@@ -140,7 +137,7 @@ class GDFOSearch(PromptSearch):
         if self.cfg.guided_source == "random":
             direction = np.random.default_rng([self.cfg.seed, state.generation, 0xD1CE]).standard_normal(len(start))
         else:
-            direction = np.asarray(start, np.float64) - path[0]
+            direction = descent_direction(start, path)
         norm = np.linalg.norm(direction)
         if norm > 0:
             rows = [] if state.guides is None else list(state.guides)
@@ -148,8 +145,10 @@ class GDFOSearch(PromptSearch):
 
     def step(self, state: GDFOState) -> dict:
         cfg = self.cfg
-        guided = cfg.guided_points() if state.guides is not None else 0  # the last `guided` asked points
         asked = self._population(state)
+        guided = cfg.guided_points() if state.guides is not None else 0  # the last `guided` asked points
+        if guided:
+            asked = self._guided(state, asked, guided)
         injected = self._injections(state, max(0, cfg.budget - state.api_calls - len(asked)))
         z = np.concatenate([asked, injected])                          # (P + n, d)
         start = self._start_point(state)

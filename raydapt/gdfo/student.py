@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from raydapt.bbt.space import PromptSpace
 from raydapt.models.prompts import add_at_slots
 
-__all__ = ["StudentSettings", "Student", "distill_loss", "spearman"]
+__all__ = ["StudentSettings", "Student", "descent_direction", "distill_loss", "spearman"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)
+
+
+def descent_direction(start: np.ndarray, path: np.ndarray) -> np.ndarray:
+    """The student's negative gradient direction at `start`, read off its descent path (d,): the
+    path's first point is `start` minus one normalised gradient step, so no extra backward pass."""
+    return np.asarray(start, np.float64) - path[0]
 
 
 class Student:
